@@ -1,0 +1,5 @@
+"""``python -m swarmfs`` is the same as the ``swarmfs`` command."""
+
+from swarmfs.cli import main
+
+raise SystemExit(main())
