@@ -1,0 +1,326 @@
+"""One authenticated connection to a peer: requests, replies, pushes, keepalive.
+
+The stream below is already authenticated (``swarm.membership`` runs the TLS
+handshake and knows the peer's node id); this module only moves messages. One
+reader task decodes frames and routes them: a reply wakes the request waiting
+for its ``id``; a request runs its handler in a task of its own, whose answer
+is sent back with the same ``id``; a push runs its handler on the reader task,
+so pushes are handled in the order they were sent.
+
+Deadlock freedom: the reader never waits to send. Each side keeps at most
+``MAX_IN_FLIGHT`` requests outstanding, and a peer that sends more breaks the
+protocol, so a handler slot is always free when a request arrives and both
+readers keep draining even when both sides are pushing chunks at once.
+
+A frame is written whole under the send lock, shielded from the caller's
+cancellation (a half-written frame would corrupt the stream), but bounded by
+``dead_after``. A protocol violation closes this connection and is logged once
+as one warning line; losing a connection is logged at info; neither is a
+traceback. A handler that raises an unexpected exception is a bug: it is
+logged with its traceback and answered with an ``internal`` error.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
+
+import trio
+
+from swarmfs.errors import ProtocolError, SwarmfsError
+from swarmfs.net.wire import (
+    INTERNAL,
+    UNKNOWN_TYPE,
+    Error,
+    FrameDecoder,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    Reply,
+    Request,
+    UnknownRequest,
+    decode_message,
+    encode_frame,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_IN_FLIGHT = 32
+"""Requests one side may have outstanding on a connection (a protocol constant)."""
+
+_RECEIVE_SIZE = 256 * 1024
+
+Handler = Callable[["PeerConnection", Message], Awaitable[Message | None]]
+"""``async fn(peer, msg)``: a reply for a request, ``None`` for a push."""
+
+
+class PeerUnavailable(SwarmfsError):
+    """The connection closed, or the peer did not answer in time."""
+
+
+@dataclass(frozen=True)
+class ConnectionSettings:
+    """Timeouts in seconds; tests shorten them."""
+
+    request_timeout: float = 30.0
+    ping_interval: float = 15.0
+    dead_after: float = 60.0
+    """Close when nothing arrived for this long, or a frame took this long to send."""
+
+
+@dataclass
+class _Pending:
+    event: trio.Event
+    reply: Message | None = None
+
+
+class PeerConnection:
+    """Messages over one stream to the node ``peer_id`` (taken from its certificate)."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        peer_id: str,
+        address: str,
+        outbound: bool,
+        handlers: Mapping[str, Handler],
+        settings: ConnectionSettings | None = None,
+    ) -> None:
+        self.peer_id = peer_id
+        self.address = address
+        """Where the connection goes (outbound) or comes from (inbound), ``host:port``."""
+        self.outbound = outbound
+        self.remote_hello: Hello | None = None
+        """The peer's latest ``hello``."""
+        self.rtt_ms: float | None = None
+        self.close_reason: str | None = None
+        self._stream = stream
+        self._handlers = handlers
+        self._settings = settings or ConnectionSettings()
+        self._decoder = FrameDecoder()
+        self._send_lock = trio.Lock()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._outstanding = trio.Semaphore(MAX_IN_FLIGHT)
+        self._handling = 0
+        self._last_received = trio.current_time()
+        self._scope = trio.CancelScope()
+        self._stream_closed = False
+        self._closed = trio.Event()
+
+    def __str__(self) -> str:
+        return f"{self.peer_id[:12]} ({self.address})"
+
+    @property
+    def closed(self) -> bool:
+        return self.close_reason is not None
+
+    # -- sending ------------------------------------------------------------
+
+    async def send(self, msg: Message) -> None:
+        """Send one message (a push, or a first ``hello``); ``PeerUnavailable`` if closed."""
+        frame = encode_frame(msg)
+        async with self._send_lock:
+            self._check_open()
+            with trio.CancelScope(shield=True) as scope:
+                scope.relative_deadline = self._settings.dead_after
+                try:
+                    await self._stream.send_all(frame)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self._abort(f"send failed: {_cause(exc)}")
+                    raise PeerUnavailable(f"{self}: {self.close_reason}") from exc
+            if scope.cancelled_caught:
+                self._abort(f"a frame took over {self._settings.dead_after:g} s to send")
+                raise PeerUnavailable(f"{self}: {self.close_reason}")
+
+    async def request(self, msg: Request, timeout: float | None = None) -> Message:
+        """Send ``msg`` and wait for its reply (an ``Error`` reply is returned, not raised).
+
+        ``PeerUnavailable`` if the connection closes or no reply comes within
+        ``timeout`` (default ``request_timeout``).
+        """
+        limit = self._settings.request_timeout if timeout is None else timeout
+        with trio.move_on_after(limit) as scope:
+            async with self._outstanding:
+                rid = next(self._ids)
+                slot = _Pending(trio.Event())
+                self._pending[rid] = slot
+                try:
+                    await self.send(replace(msg, id=rid))
+                    await slot.event.wait()
+                finally:
+                    del self._pending[rid]
+        if scope.cancelled_caught:
+            raise PeerUnavailable(f"{self}: no reply to {msg.TYPE} within {limit:g} s")
+        if slot.reply is None:
+            raise PeerUnavailable(f"{self}: {self.close_reason}")
+        return slot.reply
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise PeerUnavailable(f"{self}: {self.close_reason}")
+
+    # -- the connection's life ----------------------------------------------
+
+    async def exchange_hello(self, hello: Hello) -> Hello:
+        """Send our ``hello`` and read the peer's, which must be its first frame.
+
+        Call before ``run``, under the caller's deadline. Frames that arrive
+        right behind the hello stay buffered for ``run``.
+        """
+        await self.send(hello)
+        while True:
+            data = await self._receive()
+            for body in self._decoder.feed(data):
+                msg = decode_message(body)
+                if not isinstance(msg, Hello):
+                    raise ProtocolError(f"expected hello, got {msg.TYPE}")
+                self.remote_hello = msg
+                return msg
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the connection until it closes, then close the stream."""
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    task_status.started()
+                    nursery.start_soon(self._keepalive)
+                    await self._read_loop(nursery)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection; safe to call any number of times, from any task."""
+        self._abort("closed locally", logging.DEBUG)
+        if self._stream_closed:
+            await self._closed.wait()
+            return
+        self._stream_closed = True
+        try:
+            await trio.aclose_forcefully(self._stream)
+        finally:
+            self._closed.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    def _abort(self, reason: str, level: int = logging.INFO) -> None:
+        """Mark closed (first reason wins, logged once), stop the tasks, fail waiters."""
+        if self.closed:
+            return
+        self.close_reason = reason
+        log.log(level, "connection with %s closed: %s", self, reason)
+        self._scope.cancel()
+        for slot in self._pending.values():
+            slot.event.set()
+
+    async def _receive(self) -> bytes:
+        try:
+            data = await self._stream.receive_some(_RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._abort(f"connection lost: {_cause(exc)}")
+            raise PeerUnavailable(f"{self}: {self.close_reason}") from exc
+        if not data:
+            self._abort("closed by the peer")
+            raise PeerUnavailable(f"{self}: closed by the peer")
+        self._last_received = trio.current_time()
+        return data
+
+    async def _read_loop(self, nursery: trio.Nursery) -> None:
+        data = b""  # first drain what exchange_hello left buffered
+        try:
+            while True:
+                for body in self._decoder.feed(data):
+                    await self._dispatch(decode_message(body), nursery)
+                data = await self._receive()
+        except ProtocolError as exc:
+            self._abort(f"protocol error: {exc}", logging.WARNING)
+        except PeerUnavailable:
+            pass  # _receive has recorded why
+
+    async def _dispatch(self, msg: Message, nursery: trio.Nursery) -> None:
+        if isinstance(msg, Reply):
+            slot = self._pending.get(msg.id)
+            if slot is None:
+                log.debug("%s: reply %d came after its request gave up", self, msg.id)
+            else:
+                slot.reply = msg
+                slot.event.set()
+        elif isinstance(msg, Request) or (isinstance(msg, UnknownRequest) and msg.id is not None):
+            if self._handling >= MAX_IN_FLIGHT:
+                raise ProtocolError(f"more than {MAX_IN_FLIGHT} requests in flight")
+            self._handling += 1
+            nursery.start_soon(self._serve_request, msg)
+        else:
+            await self._serve_push(msg)
+
+    async def _serve_push(self, msg: Message) -> None:
+        if isinstance(msg, Hello):
+            self.remote_hello = msg
+        handler = self._handlers.get(msg.TYPE)
+        if handler is None:
+            log.debug("%s: no handler for pushed %s", self, msg.TYPE)
+            return
+        try:
+            await handler(self, msg)
+        except ProtocolError:
+            raise
+        except Exception:
+            log.exception("%s: handler for pushed %s failed", self, msg.TYPE)
+
+    async def _serve_request(self, msg: Request | UnknownRequest) -> None:
+        try:
+            reply = await self._answer(msg)
+            await self.send(replace(reply, id=msg.id))
+        except ProtocolError as exc:
+            self._abort(f"protocol error: {exc}", logging.WARNING)
+        except PeerUnavailable:
+            pass  # the connection is gone; nobody is waiting for this answer
+        finally:
+            self._handling -= 1
+
+    async def _answer(self, msg: Request | UnknownRequest) -> Reply:
+        if isinstance(msg, Ping):
+            return Pong()
+        handler = None if isinstance(msg, UnknownRequest) else self._handlers.get(msg.TYPE)
+        if handler is None:
+            name = msg.type_name if isinstance(msg, UnknownRequest) else msg.TYPE
+            return Error(code=UNKNOWN_TYPE, text=f"cannot serve {name!r}")
+        try:
+            reply = await handler(self, msg)
+        except ProtocolError:
+            raise
+        except Exception:
+            log.exception("%s: handler for %s failed", self, msg.TYPE)
+            return Error(code=INTERNAL, text="internal error")
+        if not isinstance(reply, Reply):
+            log.error("%s: handler for %s returned %r, not a reply", self, msg.TYPE, reply)
+            return Error(code=INTERNAL, text="internal error")
+        return reply
+
+    async def _keepalive(self) -> None:
+        """Measure RTT now and every ``ping_interval``; close a peer silent for ``dead_after``."""
+        settings = self._settings
+        while True:
+            start = trio.current_time()
+            try:
+                await self.request(Ping(), timeout=settings.dead_after)
+            except PeerUnavailable:
+                # A long queue of big frames can delay a pong; only silence is death.
+                if trio.current_time() - self._last_received >= settings.dead_after:
+                    self._abort(f"no answer for {settings.dead_after:g} s")
+                    return
+            else:
+                self.rtt_ms = (trio.current_time() - start) * 1000
+            await trio.sleep(settings.ping_interval)
+
+
+def _cause(exc: BaseException) -> str:
+    """The underlying reason of a trio stream error, e.g. the TLS alert."""
+    inner = exc.__cause__ or exc.__context__
+    return str(inner or exc) or type(inner or exc).__name__

@@ -1,0 +1,553 @@
+"""Frames and messages of the peer protocol (DESIGN.md §5), without any I/O.
+
+A frame is a 4-byte big-endian length followed by one msgpack map holding at
+least ``t`` (the message type) and, for requests and their replies, ``id``.
+Everything a peer sends is untrusted: the length is checked before a byte of
+the body is buffered, the msgpack decoder caps every string, byte string,
+array and map, only whitelisted types become messages, and every field is
+type- and range-checked before a message object exists. Anything else is a
+``ProtocolError``, which closes that one connection.
+
+Each message type is a frozen dataclass with ``to_wire()`` and
+``from_wire()``. A map whose ``t`` is well-formed but unknown becomes an
+``UnknownRequest`` so the receiver can answer it with an ``error`` instead of
+dropping the connection (a newer peer may speak more types). Unknown keys in a
+known message are ignored for the same reason. To add a message type, write
+its dataclass and add it to ``MESSAGE_TYPES``.
+
+``hello`` opens every connection in both directions and may be sent again
+later to update what it carries (listen address, known peers, index position).
+
+Pure functions and per-connection objects; nothing here is shared.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import msgpack
+
+from swarmfs import CHUNK_SIZE
+from swarmfs.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+HEADER_SIZE = 4
+MAX_FRAME = CHUNK_SIZE + 64 * 1024
+"""Largest frame body accepted or sent: one chunk plus room for its envelope."""
+
+MAX_CHUNK_DATA = CHUNK_SIZE + 1024
+"""A stored chunk is its plaintext plus a format byte and an AEAD tag; leave headroom."""
+
+CHUNK_ID_SIZE = 32
+MAX_ADDRESS_LEN = 300
+MAX_PEERS_IN_HELLO = 256
+MAX_RECORDS = 10_000
+MAX_TEXT = 1024
+MAX_DEPTH = 16
+"""Nesting allowed inside opaque record payloads."""
+
+_U64 = 2**64 - 1
+_I63 = 2**63 - 1
+
+# Caps for the msgpack decoder. No container can legitimately hold more items
+# than a frame has bytes, so none of these lets a tiny frame allocate much.
+_UNPACK_LIMITS: dict[str, int] = {
+    "max_bin_len": MAX_FRAME,
+    "max_str_len": 64 * 1024,
+    "max_array_len": MAX_FRAME,
+    "max_map_len": MAX_FRAME // 2,
+    "max_ext_len": 0,  # no extension types (timestamps included) are part of the protocol
+}
+
+
+# ---------------------------------------------------------------------------
+# Frames
+
+
+def encode_frame(msg: Message) -> bytes:
+    """Serialise one message as a length-prefixed frame."""
+    body = msgpack.packb(msg.to_wire(), use_bin_type=True)
+    if len(body) > MAX_FRAME:
+        raise ValueError(f"{msg.TYPE} message of {len(body)} bytes exceeds the frame limit")
+    return len(body).to_bytes(HEADER_SIZE, "big") + body
+
+
+class FrameDecoder:
+    """Sans-I/O splitter: feed received bytes, get complete frame bodies back.
+
+    A length above ``MAX_FRAME`` raises ``ProtocolError`` as soon as the header
+    is seen, so an oversized frame is never buffered. After an error the
+    decoder must not be used again (the connection is closed).
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """Add ``data`` and yield each frame body it completes, in order."""
+        self._buf += data
+        while len(self._buf) >= HEADER_SIZE:
+            length = int.from_bytes(self._buf[:HEADER_SIZE], "big")
+            if length > MAX_FRAME:
+                raise ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME}-byte limit")
+            end = HEADER_SIZE + length
+            if len(self._buf) < end:
+                return
+            body = bytes(self._buf[HEADER_SIZE:end])
+            del self._buf[:end]
+            yield body
+
+
+def decode_message(body: bytes) -> Message:
+    """Decode and validate one frame body; ``ProtocolError`` for anything malformed."""
+    try:
+        obj = msgpack.unpackb(
+            body,
+            raw=False,
+            strict_map_key=True,
+            **_UNPACK_LIMITS,
+        )
+    except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
+        # ExtraData, FormatError, StackError, UnicodeDecodeError and limit
+        # violations all land here; the message names the cause for the log.
+        raise ProtocolError(f"undecodable frame ({type(exc).__name__}: {exc})") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("frame is not a map")
+    kind = obj.get("t")
+    if not isinstance(kind, str):
+        raise ProtocolError("frame has no message type")
+    cls = MESSAGE_TYPES.get(kind, UnknownRequest)
+    return cls.from_wire(obj)
+
+
+def decode_frames(decoder: FrameDecoder, data: bytes) -> Iterator[Message]:
+    """Feed ``data`` and yield every complete message it finishes."""
+    for body in decoder.feed(data):
+        yield decode_message(body)
+
+
+# ---------------------------------------------------------------------------
+# Addresses: "host:port", IPv6 hosts in brackets
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """Split ``host:port``; ``ValueError`` with a readable message if malformed."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)
+    elif ":" in host:
+        raise ValueError(f"{text!r}: write an IPv6 host in brackets, [{host}]:{port_text}")
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError(f"{text!r}: port out of range")
+    return host, port
+
+
+def is_unspecified(host: str) -> bool:
+    """``0.0.0.0`` or ``::``: a listen host that tells a peer nothing about where to dial."""
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------------------
+# Field validation
+
+
+def _field(m: Mapping[str, Any], key: str) -> Any:
+    try:
+        return m[key]
+    except KeyError:
+        raise ProtocolError(f"{m.get('t')}: missing field {key!r}") from None
+
+
+def _int(m: Mapping[str, Any], key: str, hi: int = _I63) -> int:
+    v = _field(m, key)
+    if type(v) is not int or not 0 <= v <= hi:
+        raise ProtocolError(f"{m.get('t')}: {key!r} must be an integer in 0..{hi}")
+    return v
+
+
+def _req_id(m: Mapping[str, Any]) -> int:
+    return _int(m, "id")
+
+
+def _bool(m: Mapping[str, Any], key: str) -> bool:
+    v = _field(m, key)
+    if type(v) is not bool:
+        raise ProtocolError(f"{m.get('t')}: {key!r} must be a boolean")
+    return v
+
+
+def _bytes(m: Mapping[str, Any], key: str, max_len: int, exact: bool = False) -> bytes:
+    v = _field(m, key)
+    if not isinstance(v, bytes) or len(v) > max_len or (exact and len(v) != max_len):
+        want = f"exactly {max_len}" if exact else f"at most {max_len}"
+        raise ProtocolError(f"{m.get('t')}: {key!r} must be {want} bytes")
+    return v
+
+
+def _str(m: Mapping[str, Any], key: str, max_len: int) -> str:
+    v = _field(m, key)
+    if not isinstance(v, str) or len(v) > max_len:
+        raise ProtocolError(f"{m.get('t')}: {key!r} must be a string of at most {max_len}")
+    return v
+
+
+def _opt_address(m: Mapping[str, Any], key: str) -> str | None:
+    v = _field(m, key)
+    if v is None:
+        return None
+    return _check_address(m, key, v)
+
+
+def _check_address(m: Mapping[str, Any], key: str, v: object) -> str:
+    if not isinstance(v, str) or len(v) > MAX_ADDRESS_LEN:
+        raise ProtocolError(f"{m.get('t')}: {key!r} must be a HOST:PORT string")
+    try:
+        parse_address(v)
+    except ValueError as exc:
+        raise ProtocolError(f"{m.get('t')}: {key!r}: {exc}") from None
+    return v
+
+
+def _addresses(m: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    v = _field(m, key)
+    if not isinstance(v, list) or len(v) > MAX_PEERS_IN_HELLO:
+        raise ProtocolError(f"{m.get('t')}: {key!r} must be a list of at most {MAX_PEERS_IN_HELLO}")
+    return tuple(_check_address(m, key, a) for a in v)
+
+
+def _records(m: Mapping[str, Any], key: str) -> tuple[dict[str, Any], ...]:
+    """Opaque record maps, checked only for shape; ``meta/`` validates their fields."""
+    v = _field(m, key)
+    if not isinstance(v, list) or len(v) > MAX_RECORDS:
+        raise ProtocolError(f"{m.get('t')}: {key!r} must be a list of at most {MAX_RECORDS}")
+    for rec in v:
+        if not isinstance(rec, dict):
+            raise ProtocolError(f"{m.get('t')}: {key!r} entries must be maps")
+        _check_plain(rec, m.get("t"), 0)
+    return tuple(v)
+
+
+def _check_plain(value: object, kind: object, depth: int) -> None:
+    """Only msgpack's plain types (msgpack already bounds sizes); no NaN; bounded depth."""
+    if depth > MAX_DEPTH:
+        raise ProtocolError(f"{kind}: record nesting deeper than {MAX_DEPTH}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ProtocolError(f"{kind}: record map keys must be strings")
+            _check_plain(v, kind, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            _check_plain(v, kind, depth + 1)
+    elif isinstance(value, float):
+        if math.isnan(value):
+            raise ProtocolError(f"{kind}: NaN in a record")
+    elif value is not None and not isinstance(value, bool | int | str | bytes):
+        raise ProtocolError(f"{kind}: unexpected {type(value).__name__} in a record")
+
+
+# ---------------------------------------------------------------------------
+# Messages
+
+
+@dataclass(frozen=True, kw_only=True)
+class Message:
+    """Base of every message: ``TYPE`` is the wire's ``t``."""
+
+    TYPE: ClassVar[str]
+
+    def to_wire(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any]) -> Message:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, kw_only=True)
+class Request(Message):
+    """Expects exactly one reply carrying the same ``id``; the connection assigns ids."""
+
+    id: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Reply(Message):
+    """Answers the request with the same ``id``."""
+
+    id: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hello(Message):
+    """First frame each way; may be re-sent to update what it advertises."""
+
+    TYPE: ClassVar[str] = "hello"
+    version: int = PROTOCOL_VERSION
+    listen: str | None = None
+    peers: tuple[str, ...] = ()
+    index_id: int = 0
+    sequence: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "t": self.TYPE,
+            "version": self.version,
+            "listen": self.listen,
+            "peers": list(self.peers),
+            "index_id": self.index_id,
+            "sequence": self.sequence,
+        }
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any]) -> Hello:
+        return cls(
+            version=_int(m, "version"),
+            listen=_opt_address(m, "listen"),
+            peers=_addresses(m, "peers"),
+            index_id=_int(m, "index_id", _U64),
+            sequence=_int(m, "sequence"),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class IndexSince(Request):
+    """Ask for the records the peer changed after ``since`` in its index ``index_id``."""
+
+    TYPE: ClassVar[str] = "index_since"
+    index_id: int
+    since: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": self.TYPE, "id": self.id, "index_id": self.index_id, "since": self.since}
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any]) -> IndexSince:
+        return cls(id=_req_id(m), index_id=_int(m, "index_id", _U64), since=_int(m, "since"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Index(Reply):
+    """One page of records; ``sequence`` is the last one included, ``more`` asks for another."""
+
+    TYPE: ClassVar[str] = "index"
+    index_id: int
+    sequence: int
+    records: tuple[dict[str, Any], ...] = ()
+    more: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "t": self.TYPE,
+            "id": self.id,
+            "index_id": self.index_id,
+            "sequence": self.sequence,
+            "records": list(self.records),
+            "more": self.more,
+        }
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any]) -> Index:
+        return cls(
+            id=_req_id(m),
+            index_id=_int(m, "index_id", _U64),
+            sequence=_int(m, "sequence"),
+            records=_records(m, "records"),
+            more=_bool(m, "more"),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Announce(Message):
+    """Push: records just committed or applied, at ``sequence`` of the sender's index."""
+
+    TYPE: ClassVar[str] = "announce"
+    index_id: int
+    sequence: int
+    records: tuple[dict[str, Any], ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "t": self.TYPE,
+            "index_id": self.index_id,
+            "sequence": self.sequence,
+            "records": list(self.records),
+        }
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any]) -> Announce:
+        return cls(
+            index_id=_int(m, "index_id", _U64),
+            sequence=_int(m, "sequence"),
+            records=_records(m, "records"),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChunkPut(Request):
+    """Store this chunk; the receiver checks ``data`` against ``chunk_id`` first."""
+
+    TYPE: ClassVar[str] = "chunk_put"
+    chunk_id: bytes
+    data: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": self.TYPE, "id": self.id, "chunk_id": self.chunk_id, "data": self.data}
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any]) -> ChunkPut:
+        return cls(
+            id=_req_id(m),
+            chunk_id=_bytes(m, "chunk_id", CHUNK_ID_SIZE, exact=True),
+            data=_bytes(m, "data", MAX_CHUNK_DATA),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChunkGet(Request):
+    TYPE: ClassVar[str] = "chunk_get"
+    chunk_id: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": self.TYPE, "id": self.id, "chunk_id": self.chunk_id}
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any]) -> ChunkGet:
+        return cls(id=_req_id(m), chunk_id=_bytes(m, "chunk_id", CHUNK_ID_SIZE, exact=True))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Chunk(Reply):
+    """A chunk's ciphertext; the requester checks it against ``chunk_id``."""
+
+    TYPE: ClassVar[str] = "chunk"
+    chunk_id: bytes
+    data: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": self.TYPE, "id": self.id, "chunk_id": self.chunk_id, "data": self.data}
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any]) -> Chunk:
+        return cls(
+            id=_req_id(m),
+            chunk_id=_bytes(m, "chunk_id", CHUNK_ID_SIZE, exact=True),
+            data=_bytes(m, "data", MAX_CHUNK_DATA),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Missing(Reply):
+    TYPE: ClassVar[str] = "missing"
+    chunk_id: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": self.TYPE, "id": self.id, "chunk_id": self.chunk_id}
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any]) -> Missing:
+        return cls(id=_req_id(m), chunk_id=_bytes(m, "chunk_id", CHUNK_ID_SIZE, exact=True))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ping(Request):
+    TYPE: ClassVar[str] = "ping"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": self.TYPE, "id": self.id}
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any]) -> Ping:
+        return cls(id=_req_id(m))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pong(Reply):
+    TYPE: ClassVar[str] = "pong"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": self.TYPE, "id": self.id}
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any]) -> Pong:
+        return cls(id=_req_id(m))
+
+
+# Error codes a reply may carry; peers must accept codes they do not know.
+UNKNOWN_TYPE = "unknown_type"
+NO_SPACE = "no_space"
+INTERNAL = "internal"
+BAD_REQUEST = "bad_request"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Error(Reply):
+    """A request that could not be served: machine-readable ``code``, human ``text``."""
+
+    TYPE: ClassVar[str] = "error"
+    code: str
+    text: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": self.TYPE, "id": self.id, "code": self.code, "text": self.text}
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any]) -> Error:
+        return cls(id=_req_id(m), code=_str(m, "code", 64), text=_str(m, "text", MAX_TEXT))
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnknownRequest(Message):
+    """A well-formed frame of a type this version does not speak.
+
+    With an ``id`` it is answered with an ``unknown_type`` error; without one
+    (a push) it is ignored. Either way the connection stays up.
+    """
+
+    TYPE: ClassVar[str] = "?"
+    type_name: str
+    id: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"t": self.type_name}
+        if self.id is not None:
+            wire["id"] = self.id
+        return wire
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any]) -> UnknownRequest:
+        name = _str(m, "t", 64)
+        return cls(type_name=name, id=_req_id(m) if "id" in m else None)
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        Hello,
+        IndexSince,
+        Index,
+        Announce,
+        ChunkPut,
+        ChunkGet,
+        Chunk,
+        Missing,
+        Ping,
+        Pong,
+        Error,
+    )
+}
