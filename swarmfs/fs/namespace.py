@@ -1,0 +1,641 @@
+"""The filesystem as seen by one node: every operation, by inode and name, errno on failure.
+
+``Filesystem`` is what ``fuse/operations.py`` calls, and what tests call
+directly without a mount (as S3QL's ``t3_fs_api``). It keeps the per-inode
+state the kernel protocol needs: lookup counts (an inode lives until
+``forget`` brings it to 0, also after unlink), open handles, and staged
+writes, committed on ``flush``/``fsync`` (DESIGN.md §3, §8).
+
+Runs on the trio event loop. Database reads are short queries on the loop
+thread; writes, hashing, encryption and file I/O go to worker threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from swarmfs import CHUNK_SIZE
+from swarmfs.crypto.staging import StagingCipher
+from swarmfs.fs.content import ChunkIO
+from swarmfs.fs.staging import Staging
+from swarmfs.meta.db import ROOT_INO, Database, Row, Txn, now_ns
+from swarmfs.meta.records import Block, Kind, join
+
+log = logging.getLogger(__name__)
+
+NAME_MAX = 255
+MAX_FILE_SIZE = 1 << 43  # 8 TiB: larger offsets get EFBIG
+READDIR_BATCH = 256
+
+_KIND_BITS = {
+    Kind.FILE: stat.S_IFREG,
+    Kind.DIR: stat.S_IFDIR,
+    Kind.SYMLINK: stat.S_IFLNK,
+    Kind.FIFO: stat.S_IFIFO,
+    Kind.SOCKET: stat.S_IFSOCK,
+}
+
+
+class FsError(Exception):
+    """An operation failed with ``errno``; the FUSE layer passes it to the caller."""
+
+    def __init__(self, code: int, message: str = "") -> None:
+        super().__init__(message or os.strerror(code))
+        self.errno = code
+
+
+@dataclass(frozen=True)
+class Attr:
+    ino: int
+    mode: int  # file type bits | permission bits
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+@dataclass(frozen=True)
+class Caller:
+    uid: int = 0
+    gid: int = 0
+    umask: int = 0o022
+
+
+@dataclass
+class Handle:
+    ino: int
+    writable: bool
+    append: bool
+
+
+def chunk_count(size: int) -> int:
+    return (size + CHUNK_SIZE - 1) // CHUNK_SIZE
+
+
+def check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise FsError(errno.ENAMETOOLONG)
+    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
+        raise FsError(errno.EINVAL)
+    try:
+        name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FsError(errno.EILSEQ) from None
+
+
+class Filesystem:
+    def __init__(self, db: Database, chunks: ChunkIO, staging_dir: Path) -> None:
+        self.db = db
+        self.chunks = chunks
+        self.staging_dir = staging_dir
+        self._cipher = StagingCipher()
+        self._lookups: dict[int, int] = {}
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self._staging: dict[int, Staging] = {}
+        self._locks: dict[int, trio.Lock] = {}
+        self._unsynced: dict[int, set[bytes]] = {}  # chunks written but not fsynced, per inode
+        self.read_only = False
+
+    # -- helpers ----------------------------------------------------------------
+    def _row(self, ino: int) -> Row:
+        row = self.db.reader.by_ino(ino)
+        if row is None:
+            raise FsError(errno.ENOENT)
+        return row
+
+    def _dir_row(self, ino: int) -> Row:
+        row = self._row(ino)
+        if row.kind != Kind.DIR:
+            raise FsError(errno.ENOTDIR)
+        if row.deleted or row.hidden:
+            raise FsError(errno.ENOENT)
+        return row
+
+    def _child(self, parent: Row, name: bytes) -> Row | None:
+        row = self.db.reader.by_path(join(parent.path, name))
+        return None if row is None or row.deleted else row
+
+    def _lock(self, ino: int) -> trio.Lock:
+        lock = self._locks.get(ino)
+        if lock is None:
+            lock = self._locks[ino] = trio.Lock()
+        return lock
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise FsError(errno.EROFS)
+
+    def attr_of(self, row: Row, ino: int) -> Attr:
+        size, mtime = row.size, row.mtime_ns
+        staging = self._staging.get(ino)
+        if staging is not None and staging.modified:
+            size, mtime = staging.size, staging.mtime_ns or mtime
+        nlink = 1
+        if row.kind == Kind.DIR:
+            nlink = 0 if row.deleted or row.hidden else 2 + self.db.reader.count_subdirs(row.path)
+        elif row.hidden:
+            nlink = 0
+        return Attr(
+            ino=ino,
+            mode=_KIND_BITS[row.kind] | row.mode,
+            nlink=nlink,
+            uid=row.uid,
+            gid=row.gid,
+            size=size,
+            atime_ns=row.atime_ns,
+            mtime_ns=mtime,
+            ctime_ns=row.ctime_ns,
+        )
+
+    def _entry(self, row: Row, ino: int) -> Attr:
+        """An entry handed to the kernel: counts one lookup."""
+        self._lookups[ino] = self._lookups.get(ino, 0) + 1
+        return self.attr_of(row, ino)
+
+    def _ino_for(self, row: Row) -> int:
+        ino = self.db.reader.ino_of(row.rid)
+        if ino is None:
+            raise FsError(errno.ENOENT)
+        return ino
+
+    # -- lookups ------------------------------------------------------------------
+    async def lookup(self, parent_ino: int, name: bytes) -> Attr:
+        parent = self._dir_row(parent_ino)
+        if name == b".":
+            return self._entry(parent, parent_ino)
+        if name == b"..":
+            up = self.db.reader.by_path(
+                parent.path.rsplit(b"/", 1)[0] if b"/" in parent.path else b""
+            )
+            assert up is not None
+            return self._entry(up, self._ino_for(up))
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        row = self._child(parent, name)
+        if row is None:
+            raise FsError(errno.ENOENT)
+        return self._entry(row, self._ino_for(row))
+
+    async def getattr(self, ino: int) -> Attr:
+        return self.attr_of(self._row(ino), ino)
+
+    def add_lookup(self, ino: int) -> None:
+        self._lookups[ino] = self._lookups.get(ino, 0) + 1
+
+    async def forget(self, items: list[tuple[int, int]]) -> None:
+        """Drop kernel references; a detached (unlinked) inode at 0 is freed. Never raises."""
+        for ino, n in items:
+            left = self._lookups.get(ino, 0) - n
+            if left > 0:
+                self._lookups[ino] = left
+                continue
+            self._lookups.pop(ino, None)
+            if ino == ROOT_INO or any(h.ino == ino for h in self._handles.values()):
+                continue
+            await self._free_if_detached(ino)
+
+    async def _free_if_detached(self, ino: int) -> None:
+        try:
+            row = self.db.reader.by_ino(ino)
+            if row is None or not row.hidden:
+                return
+            self._drop_staging(ino)
+            gone = await self.db.write(lambda t: t.forget_hidden(ino))
+            await self.chunks.delete(gone)
+        except Exception:
+            log.exception("freeing detached inode %d failed", ino)
+
+    def _drop_staging(self, ino: int) -> None:
+        staging = self._staging.pop(ino, None)
+        if staging is not None:
+            staging.close()
+        self._locks.pop(ino, None)
+        self._unsynced.pop(ino, None)
+
+    # -- directories ----------------------------------------------------------------
+    async def opendir(self, ino: int) -> int:
+        self._dir_row(ino)
+        return ino
+
+    async def readdir(self, ino: int, start: int) -> Iterator[tuple[bytes, Attr, int]]:
+        """Entries after offset ``start``: (name, attr, next offset). Offsets are record ids,
+        stable across concurrent changes. The caller counts a lookup per accepted entry."""
+        row = self._row(ino)
+        if row.kind != Kind.DIR:
+            raise FsError(errno.ENOTDIR)
+        if row.deleted or row.hidden:
+            return iter(())
+        children = self.db.reader.children(row.path, start, READDIR_BATCH)
+        out = []
+        for child in children:
+            child_ino = self.db.reader.ino_of(child.rid)
+            if child_ino is not None:
+                out.append((child.name, self.attr_of(child, child_ino), child.rid))
+        return iter(out)
+
+    async def mkdir(self, parent_ino: int, name: bytes, mode: int, caller: Caller) -> Attr:
+        return await self._create_node(parent_ino, name, Kind.DIR, mode, caller)
+
+    async def mknod(self, parent_ino: int, name: bytes, mode: int, caller: Caller) -> Attr:
+        fmt = stat.S_IFMT(mode)
+        kinds = {stat.S_IFREG: Kind.FILE, stat.S_IFIFO: Kind.FIFO, stat.S_IFSOCK: Kind.SOCKET}
+        if fmt not in kinds:
+            raise FsError(errno.EPERM)  # device nodes are not replicated (documented)
+        return await self._create_node(parent_ino, name, kinds[fmt], mode, caller)
+
+    async def symlink(self, parent_ino: int, name: bytes, target: bytes, caller: Caller) -> Attr:
+        if len(target) > 4095:
+            raise FsError(errno.ENAMETOOLONG)
+        return await self._create_node(
+            parent_ino, name, Kind.SYMLINK, 0o777, Caller(caller.uid, caller.gid, 0), target
+        )
+
+    async def create(
+        self, parent_ino: int, name: bytes, mode: int, flags: int, caller: Caller
+    ) -> tuple[int, Attr]:
+        attr = await self._create_node(parent_ino, name, Kind.FILE, mode, caller)
+        return self._open_handle(attr.ino, flags), attr
+
+    async def _create_node(
+        self,
+        parent_ino: int,
+        name: bytes,
+        kind: Kind,
+        mode: int,
+        caller: Caller,
+        target: bytes = b"",
+    ) -> Attr:
+        self._writable()
+        check_name(name)
+        parent = self._dir_row(parent_ino)
+        if self._child(parent, name) is not None:
+            raise FsError(errno.EEXIST)
+        perm = stat.S_IMODE(mode) & ~caller.umask
+        gid = caller.gid
+        if parent.mode & stat.S_ISGID:  # BSD group semantics of setgid directories
+            gid = parent.gid
+            if kind == Kind.DIR:
+                perm |= stat.S_ISGID
+        path = join(parent.path, name)
+        now = now_ns()
+
+        def txn(t: Txn) -> tuple[int, int]:
+            if t.by_path(path) is not None and not t.by_path(path).deleted:  # type: ignore[union-attr]
+                raise FsError(errno.EEXIST)
+            return t.create(path, kind, perm, caller.uid, gid, now, target)
+
+        rid, ino = await self.db.write(txn)
+        row = self.db.reader.by_rid(rid)
+        assert row is not None
+        return self._entry(row, ino)
+
+    async def unlink(self, parent_ino: int, name: bytes) -> None:
+        await self._remove(parent_ino, name, want_dir=False)
+
+    async def rmdir(self, parent_ino: int, name: bytes) -> None:
+        await self._remove(parent_ino, name, want_dir=True)
+
+    async def _remove(self, parent_ino: int, name: bytes, want_dir: bool) -> None:
+        self._writable()
+        parent = self._dir_row(parent_ino)
+        row = self._child(parent, name)
+        if row is None:
+            raise FsError(errno.ENOENT)
+        if want_dir and row.kind != Kind.DIR:
+            raise FsError(errno.ENOTDIR)
+        if not want_dir and row.kind == Kind.DIR:
+            raise FsError(errno.EISDIR)
+        if want_dir and self.db.reader.has_children(row.path):
+            raise FsError(errno.ENOTEMPTY)
+        ino = self.db.reader.ino_of(row.rid)
+        if ino is not None and row.kind == Kind.FILE:
+            await self._commit(ino)  # the trash keeps what was last written
+            row = self.db.reader.by_rid(row.rid) or row
+        keep = ino if ino is not None and self._known(ino) else None
+        now = now_ns()
+        await self.db.write(lambda t: t.delete(row, now, keep))
+
+    def _known(self, ino: int) -> bool:
+        return self._lookups.get(ino, 0) > 0 or any(h.ino == ino for h in self._handles.values())
+
+    async def rename(
+        self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int
+    ) -> None:
+        self._writable()
+        RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+        if flags & RENAME_EXCHANGE:
+            raise FsError(errno.EINVAL)
+        check_name(new_name)
+        src_dir = self._dir_row(old_parent)
+        dst_dir = self._dir_row(new_parent)
+        src = self._child(src_dir, old_name)
+        if src is None:
+            raise FsError(errno.ENOENT)
+        new_path = join(dst_dir.path, new_name)
+        if new_path == src.path:
+            return
+        if src.kind == Kind.DIR and new_path.startswith(src.path + b"/"):
+            raise FsError(errno.EINVAL)
+        dst = self._child(dst_dir, new_name)
+        if dst is not None:
+            if flags & RENAME_NOREPLACE:
+                raise FsError(errno.EEXIST)
+            if src.kind == Kind.DIR and dst.kind != Kind.DIR:
+                raise FsError(errno.ENOTDIR)
+            if src.kind != Kind.DIR and dst.kind == Kind.DIR:
+                raise FsError(errno.EISDIR)
+            if dst.kind == Kind.DIR and self.db.reader.has_children(dst.path):
+                raise FsError(errno.ENOTEMPTY)
+        src_ino = self.db.reader.ino_of(src.rid)
+        if src_ino is not None and src.kind == Kind.FILE:
+            await self._commit(src_ino)
+            src = self.db.reader.by_rid(src.rid) or src
+        dst_ino = self.db.reader.ino_of(dst.rid) if dst is not None else None
+        if dst_ino is not None and dst is not None and dst.kind == Kind.FILE:
+            await self._commit(dst_ino)
+            dst = self.db.reader.by_rid(dst.rid) or dst
+        keep = dst_ino if dst_ino is not None and self._known(dst_ino) else None
+        now = now_ns()
+
+        def txn(t: Txn) -> None:
+            if dst is not None:
+                t.delete(dst, now, keep)
+            t.move(src, new_path, now)
+
+        await self.db.write(txn)
+
+    # -- attributes ------------------------------------------------------------------
+    async def setattr(
+        self,
+        ino: int,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        fh: int | None = None,
+    ) -> Attr:
+        row = self._row(ino)
+        if any(v is not None for v in (mode, uid, gid, size, atime_ns, mtime_ns)):
+            self._writable()
+        if size is not None:
+            if row.kind == Kind.DIR:
+                raise FsError(errno.EISDIR)
+            if row.kind != Kind.FILE:
+                raise FsError(errno.EINVAL)
+            if size > MAX_FILE_SIZE:
+                raise FsError(errno.EFBIG)
+            async with self._lock(ino):
+                await self._truncate(ino, row, size)
+                await self._commit_locked(ino)
+            row = self._row(ino)
+        attrs: dict[str, object] = {}
+        if mode is not None:
+            attrs["mode"] = stat.S_IMODE(mode)
+        if uid is not None:
+            attrs["uid"] = uid
+        if gid is not None:
+            attrs["gid"] = gid
+        if atime_ns is not None:
+            attrs["atime_ns"] = atime_ns
+        if mtime_ns is not None:
+            if ino in self._staging and self._staging[ino].modified:
+                async with self._lock(ino):
+                    await self._commit_locked(ino)
+            attrs["mtime_ns"] = mtime_ns
+        if attrs:
+            if "uid" in attrs or "gid" in attrs:  # chown clears setuid/setgid on files
+                current = attrs.get("mode", row.mode)
+                if row.kind == Kind.FILE:
+                    attrs["mode"] = current & ~(stat.S_ISUID | stat.S_ISGID)  # type: ignore[operator]
+            now = now_ns()
+            await self.db.write(lambda t: t.update_attrs(row.rid, now, **attrs))
+        return self.attr_of(self._row(ino), ino)
+
+    async def readlink(self, ino: int) -> bytes:
+        row = self._row(ino)
+        if row.kind != Kind.SYMLINK:
+            raise FsError(errno.EINVAL)
+        return row.target
+
+    # -- files -------------------------------------------------------------------------
+    def _open_handle(self, ino: int, flags: int) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        acc = flags & os.O_ACCMODE
+        self._handles[fh] = Handle(ino, acc != os.O_RDONLY, bool(flags & os.O_APPEND))
+        return fh
+
+    def _handle(self, fh: int) -> Handle:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise FsError(errno.EBADF)
+        return handle
+
+    async def open(self, ino: int, flags: int) -> int:
+        row = self._row(ino)
+        if row.kind == Kind.DIR:
+            raise FsError(errno.EISDIR)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            self._writable()
+        fh = self._open_handle(ino, flags)
+        if flags & os.O_TRUNC and row.kind == Kind.FILE:
+            async with self._lock(ino):
+                await self._truncate(ino, row, 0)
+        return fh
+
+    def _staging_for(self, ino: int, row: Row) -> Staging:
+        staging = self._staging.get(ino)
+        if staging is None:
+            staging = self._staging[ino] = Staging(
+                self.staging_dir / f"{os.getpid()}-{ino}", self._cipher, row.size
+            )
+        return staging
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        handle = self._handle(fh)
+        ino = handle.ino
+        staging = self._staging.get(ino)
+        if staging is not None and staging.modified:
+            async with self._lock(ino):
+                return await self._read_range(ino, offset, size)
+        return await self._read_range(ino, offset, size)
+
+    async def _read_range(self, ino: int, offset: int, size: int) -> bytes:
+        row = self._row(ino)
+        staging = self._staging.get(ino)
+        live = staging is not None and staging.modified
+        file_size = staging.size if live else row.size  # type: ignore[union-attr]
+        end = min(offset + size, file_size)
+        if offset >= end:
+            return b""
+        first, last = offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE
+        blocks = self.db.reader.blocks(row.bl, first, last)
+        parts = []
+        for i in range(first, last + 1):
+            length = min(CHUNK_SIZE, file_size - i * CHUNK_SIZE)
+            data = await self._chunk_content(
+                ino, i, blocks.get(i), length, staging if live else None
+            )
+            lo = offset - i * CHUNK_SIZE if i == first else 0
+            hi = end - i * CHUNK_SIZE if i == last else length
+            parts.append(data[lo:hi])
+        return b"".join(parts)
+
+    async def _chunk_content(
+        self, ino: int, index: int, block: Block | None, length: int, staging: Staging | None
+    ) -> bytes:
+        """Logical content of chunk ``index``, ``length`` bytes, staged writes included."""
+        if staging is not None and index in staging.pending:
+            base = await self.chunks.read(staging.pending[index])
+        elif block is not None:
+            base = await self.chunks.read(block)
+            if staging is not None:
+                base = base[: max(0, staging.trunc_floor - index * CHUNK_SIZE)]
+        else:
+            base = b""
+        if staging is not None:
+            return await staging.overlay(index, base, length)
+        if len(base) >= length:
+            return base[:length]
+        return base + bytes(length - len(base))
+
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
+        self._writable()
+        handle = self._handle(fh)
+        if not handle.writable:
+            raise FsError(errno.EBADF)
+        ino = handle.ino
+        if offset + len(data) > MAX_FILE_SIZE:
+            raise FsError(errno.EFBIG)
+        async with self._lock(ino):
+            row = self._row(ino)
+            staging = self._staging_for(ino, row)
+            if handle.append:
+                offset = staging.size
+            pos = 0
+            while pos < len(data):
+                index, within = divmod(offset + pos, CHUNK_SIZE)
+                n = min(CHUNK_SIZE - within, len(data) - pos)
+                piece = data[pos : pos + n]
+                if n == CHUNK_SIZE and index not in staging.dirty:
+                    block, csize = await self.chunks.seal_and_store(piece)
+                    staging.mark_pending(index, block, csize)
+                    staging.modified = True
+                elif await staging.write(index, within, piece):
+                    block, csize = await self.chunks.seal_and_store(staging.complete_data(index))
+                    staging.mark_pending(index, block, csize)
+                pos += n
+            staging.size = max(staging.size, offset + len(data))
+            staging.mtime_ns = now_ns()
+        return len(data)
+
+    async def _truncate(self, ino: int, row: Row, size: int) -> None:
+        """Stage a truncate (lock held); a stored chunk cut in the middle becomes staged data."""
+        staging = self._staging_for(ino, row)
+        index, within = divmod(size, CHUNK_SIZE)
+        if within and index in staging.pending and index not in staging.dirty:
+            data = await self.chunks.read(staging.pending.pop(index))
+            await staging.write(index, 0, data[:within])
+        staging.truncate(size)
+        staging.mtime_ns = now_ns()
+
+    async def flush(self, fh: int) -> None:
+        handle = self._handle(fh)
+        await self._commit(handle.ino)
+
+    async def fsync(self, fh: int) -> None:
+        handle = self._handle(fh)
+        await self._commit(handle.ino)
+        unsynced = self._unsynced.pop(handle.ino, set())
+        if unsynced:
+            await self.chunks.sync(sorted(unsynced))
+        await trio.to_thread.run_sync(self.db.fsync_sync)
+
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is None:
+            return
+        ino = handle.ino
+        staging = self._staging.get(ino)
+        if staging is not None and staging.modified:
+            await self._commit(ino)  # writes after the last flush (mmap)
+        if not any(h.ino == ino for h in self._handles.values()):
+            staging = self._staging.pop(ino, None)
+            if staging is not None and not staging.modified:
+                staging.close()
+            elif staging is not None:
+                self._staging[ino] = staging
+            if self._lookups.get(ino, 0) == 0:
+                await self._free_if_detached(ino)
+
+    async def _commit(self, ino: int) -> None:
+        staging = self._staging.get(ino)
+        if staging is None or not staging.modified:
+            return
+        async with self._lock(ino):
+            await self._commit_locked(ino)
+
+    async def _commit_locked(self, ino: int) -> None:
+        """Store the staged chunks, then one transaction for blocks and record."""
+        staging = self._staging.get(ino)
+        if staging is None or not staging.modified:
+            return
+        row = self._row(ino)
+        size = staging.size
+        changed: dict[int, Block] = dict(staging.pending)
+        new_chunks = list(staging.new_chunks)
+        for index in sorted(staging.dirty):
+            length = min(CHUNK_SIZE, size - index * CHUNK_SIZE)
+            if length <= 0:
+                continue
+            block = self.db.reader.blocks(row.bl, index, index).get(index)
+            data = await self._chunk_content(ino, index, block, length, staging)
+            sealed, csize = await self.chunks.seal_and_store(data)
+            changed[index] = sealed
+            new_chunks.append((sealed.chunk_id, csize))  # type: ignore[arg-type]
+        # committed content past the truncation floor is gone: cut the boundary chunk
+        floor = staging.trunc_floor
+        boundary, within = divmod(floor, CHUNK_SIZE)
+        if within and boundary not in changed and floor < size:
+            block = self.db.reader.blocks(row.bl, boundary, boundary).get(boundary)
+            if block is not None and block.length > within:
+                data = (await self.chunks.read(block))[:within]
+                sealed, csize = await self.chunks.seal_and_store(data)
+                changed[boundary] = sealed
+                new_chunks.append((sealed.chunk_id, csize))  # type: ignore[arg-type]
+        keep = min(chunk_count(size), -(-floor // CHUNK_SIZE))
+        mtime = staging.mtime_ns or now_ns()
+        now = now_ns()
+
+        def txn(t: Txn) -> list[bytes]:
+            return t.commit_content(
+                row.rid, size, mtime, now, changed, keep, chunk_count(size), new_chunks
+            )
+
+        gone = await self.db.write(txn)
+        self._unsynced.setdefault(ino, set()).update(c for c, _ in new_chunks)
+        staging.reset(size)
+        await self.chunks.delete(gone)
+
+    async def statfs(self) -> os.statvfs_result:
+        return await trio.to_thread.run_sync(os.statvfs, self.staging_dir)
+
+    async def commit_all(self) -> None:
+        """Commit every inode with staged writes (shutdown)."""
+        for ino in list(self._staging):
+            await self._commit(ino)

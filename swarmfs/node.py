@@ -1,0 +1,174 @@
+"""Composition root: builds the layers bottom-up, owns the nursery and the shutdown order.
+
+One trio run holds everything: the control socket, the FUSE session
+(``pyfuse3.main``) and the node's services share one nursery. Shutdown order:
+commit open files, stop FUSE (unmount), stop services, close the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from swarmfs import control
+from swarmfs.config import Config
+from swarmfs.crypto.keys import derive_key
+from swarmfs.datadir import DataDir
+from swarmfs.fs.content import ChunkIO
+from swarmfs.fs.namespace import Filesystem
+from swarmfs.fuse import mount
+from swarmfs.fuse.operations import Operations
+from swarmfs.meta.db import Database
+from swarmfs.store.cas import ChunkStore
+
+log = logging.getLogger(__name__)
+
+FUSE_MAX_TASKS = 32
+
+
+def _clean_start(db: Database, store: ChunkStore, staging_dir: Path) -> None:
+    """After a crash: drop staging, half-written chunks, detached inodes and chunks no
+    commit ever referenced. Every file then shows its last committed version."""
+    staging_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in staging_dir.iterdir():
+        leftover.unlink(missing_ok=True)
+    removed = store.clean_tmp()
+    gone = db.write_sync(lambda t: t.drop_hidden())
+    known = {bytes(c) for (c,) in db.reader.conn.execute("SELECT chunk_id FROM chunks")}
+    stray = [c for c in store.ids() if c not in known and not db.reader.chunk_referenced(c)]
+    for c in [*gone, *stray]:
+        store.delete(c)
+    if removed or stray:
+        log.info(
+            "start-up clean-up: %d partial and %d unreferenced chunks removed", removed, len(stray)
+        )
+
+
+class Node:
+    def __init__(self, config: Config, data_dir: DataDir, mountpoint: Path | None) -> None:
+        self.config = config
+        self.data_dir = data_dir
+        self.mountpoint = mountpoint
+        identity = data_dir.identity()
+        self.node_id = identity.node_id
+        swarm_key = data_dir.swarm_key()
+        self.db = Database(data_dir.db_file, self.node_id)
+        self.store = ChunkStore(data_dir.chunks_dir)
+        _clean_start(self.db, self.store, data_dir.staging_dir)
+        self.chunks = ChunkIO(self.store, derive_key(swarm_key, "content"))
+        self.fs = Filesystem(self.db, self.chunks, data_dir.staging_dir)
+        self.fs.read_only = "ro" in config.fuse_options
+        self._shutdown = trio.Event()
+        self.handle_signals = True
+
+    def status(self) -> dict[str, Any]:
+        stored, cached = self.db.reader.chunk_bytes()
+        return {
+            "running": True,
+            "pid": os.getpid(),
+            "node_id": self.node_id,
+            "listen": str(self.config.listen),
+            "peers": [],
+            "files": self.db.reader.count_files(),
+            "bytes_stored": stored,
+            "bytes_cached": cached,
+            "cache_limit": self.config.cache_size,
+            "backlog": {"chunks": 0, "bytes": 0, "records": 0},
+            "mountpoint": str(self.mountpoint) if self.mountpoint else None,
+        }
+
+    async def _handle_status(self, request: dict[str, Any]) -> dict[str, Any]:
+        return self.status()
+
+    async def _handle_shutdown(self, request: dict[str, Any]) -> dict[str, Any]:
+        await self.fs.commit_all()
+        self._shutdown.set()
+        return {"ok": True, "backlog": self.status()["backlog"]}
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("received %s: shutting down", signal.Signals(signum).name)
+                self._shutdown.set()
+                return
+
+    async def _run_fuse(self) -> None:
+        try:
+            await mount.serve(FUSE_MAX_TASKS)
+        finally:
+            log.info("FUSE session ended")
+            self._shutdown.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        mounted = False
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    control.serve,
+                    self.data_dir,
+                    {"status": self._handle_status, "shutdown": self._handle_shutdown},
+                )
+                if self.handle_signals:
+                    nursery.start_soon(self._watch_signals)
+                if self.mountpoint is not None:
+                    mount.clear_dead_mount(self.mountpoint)
+                    options = mount.fuse_options(self.data_dir.path, self.config.fuse_options)
+                    mount.init(Operations(self.fs), self.mountpoint, options)
+                    mounted = True
+                    nursery.start_soon(self._run_fuse)
+                    await trio.to_thread.run_sync(os.stat, self.mountpoint)
+                    log.info("mounted %s (node %s)", self.mountpoint, self.node_id)
+                task_status.started()
+                await self._shutdown.wait()
+                await self.fs.commit_all()
+                if mounted:
+                    mount.terminate()
+                nursery.cancel_scope.cancel()
+        finally:
+            if mounted:
+                mount.close(unmount=True)
+            self.db.close()
+            log.info("node stopped")
+
+
+async def run_node(
+    config: Config,
+    data_dir: DataDir,
+    mountpoint: Path | None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a node until shutdown; ``started()`` once mounted, bound and answering control."""
+    node = Node(config, data_dir, mountpoint)
+    await node.run(task_status=task_status)
+
+
+def offline_status(data_dir: DataDir, config: Config) -> dict[str, Any]:
+    """``status`` fields read from the data dir when no node runs there."""
+    from swarmfs.meta.db import Queries, _connect
+
+    status: dict[str, Any] = {
+        "running": False,
+        "pid": None,
+        "node_id": data_dir.identity().node_id if data_dir.node_key_file.exists() else None,
+        "listen": str(config.listen),
+        "peers": [],
+        "files": 0,
+        "bytes_stored": 0,
+        "bytes_cached": 0,
+        "cache_limit": config.cache_size,
+        "backlog": {"chunks": 0, "bytes": 0, "records": 0},
+    }
+    if data_dir.db_file.exists():
+        q = Queries(_connect(data_dir.db_file))
+        try:
+            status["files"] = q.count_files()
+            status["bytes_stored"], status["bytes_cached"] = q.chunk_bytes()
+        finally:
+            q.conn.close()
+    return status
