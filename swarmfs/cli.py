@@ -165,7 +165,7 @@ def _data_dir(args: argparse.Namespace) -> DataDir:
     return DataDir(args.data_dir or default_data_dir())
 
 
-def _config(args: argparse.Namespace, data_dir: DataDir) -> Config:
+def config_from_args(args: argparse.Namespace, data_dir: DataDir) -> Config:
     overrides: dict[str, object] = {o.key: getattr(args, o.key, None) for o in OPTIONS if o.flags}
     overrides["log_level"] = "debug" if args.verbose else "warning" if args.quiet else None
     return load_config(data_dir.path, overrides)
@@ -188,7 +188,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_mount(args: argparse.Namespace) -> int:
     data_dir = _data_dir(args)
-    config = _config(args, data_dir)  # fails fast on a bad option, before any process starts
+    # Parsed here too, so a bad option fails before any process starts.
+    config = config_from_args(args, data_dir)
     mountpoint = Path(os.path.realpath(args.mountpoint))
     if args.foreground:
         return _run_foreground(config, data_dir, mountpoint, args.ready_fd)
@@ -197,7 +198,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 def cmd_node(args: argparse.Namespace) -> int:
     data_dir = _data_dir(args)
-    return _run_foreground(_config(args, data_dir), data_dir, None, None)
+    return _run_foreground(config_from_args(args, data_dir), data_dir, None, None)
 
 
 def _launch(argv: list[str], data_dir: DataDir) -> int:
