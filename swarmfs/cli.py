@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
     sub.add_argument(
         "--wait",
-        type=float,
+        type=_seconds,
         default=10.0,
         metavar="SECONDS",
         help="how long to wait for new chunks to reach a peer (default 10)",
@@ -154,6 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add("demo", not_implemented, "run a 3-node swarm on loopback")
     sub.add_argument("--exit", action="store_true", help="tear the swarm down at the end")
     return parser
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}")
+    return seconds
 
 
 def not_implemented(args: argparse.Namespace) -> int:
@@ -557,7 +567,8 @@ def _watch(data_dir: DataDir, as_json: bool) -> int:
 def render_status(status: dict[str, Any]) -> RenderableType:
     running = f"running, pid {status['pid']}" if status["running"] else "not running"
     summary = Table.grid(padding=(0, 2))
-    summary.add_row("node", f"{status['node_id']} ({running})")
+    node_id = status["node_id"] or "no identity yet (swarmfs init creates one)"
+    summary.add_row("node", f"{node_id} ({running})")
     summary.add_row("listen", status["listen"])
     summary.add_row("files", str(status["files"]))
     summary.add_row("stored", human_bytes(status["bytes_stored"]))

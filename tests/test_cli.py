@@ -11,6 +11,7 @@ import errno
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import stat
@@ -278,6 +279,15 @@ def test_unusable_key_file_is_refused(
     assert not DataDir(data_dir).swarm_key_file.exists()
 
 
+def test_mount_refuses_an_unreadable_key_file(
+    data_dir: Path, mountpoint: Path, tmp_path: Path
+) -> None:
+    missing = tmp_path / "missing.key"
+    result = swarmfs("mount", mountpoint, "--swarm-key-file", missing, data_dir=data_dir)
+    assert_one_line_error(result, f"cannot read swarm key {missing}")
+    assert cli.find_mount(mountpoint) is None
+
+
 # --- the lock and the pid file ---
 
 
@@ -520,6 +530,25 @@ def test_status_json_offline(data_dir: Path) -> None:
     assert human.returncode == 0, human.stderr
     assert status["node_id"] in human.stdout
     assert "not running" in human.stdout
+
+
+def test_detached_logging_is_rotated(tmp_path: Path) -> None:
+    log_file = tmp_path / "swarmfs.log"
+    code = (
+        "import logging, sys; from pathlib import Path\n"
+        "from swarmfs.logsetup import setup_logging\n"
+        "setup_logging(logging.INFO, Path(sys.argv[1]))\n"
+        "logging.getLogger('swarmfs.test').debug('hidden')\n"
+        "logging.getLogger('swarmfs.test').info('shown')\n"
+        "handler, = logging.getLogger().handlers\n"
+        "print(handler.maxBytes, handler.backupCount)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(log_file)], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.split() == [str(10 * 1024 * 1024), "3"]
+    (line,) = log_file.read_text().splitlines()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO    swarmfs.test: shown", line)
 
 
 def test_human_bytes() -> None:
