@@ -22,9 +22,15 @@ from swarmfs.datadir import DataDir
 from swarmfs.fs.content import ChunkIO
 from swarmfs.fs.namespace import Filesystem
 from swarmfs.fuse import mount
+from swarmfs.fuse.invalidator import Invalidator
 from swarmfs.fuse.operations import Operations
 from swarmfs.meta.db import Database
+from swarmfs.meta.sync import IndexSync
+from swarmfs.net.peer import PeerConnection
 from swarmfs.store.cas import ChunkStore
+from swarmfs.swarm.membership import Membership
+from swarmfs.swarm.peerstore import SqlitePeerStore
+from swarmfs.swarm.replication import ChunkService, Fetcher, Replicator
 
 log = logging.getLogger(__name__)
 
@@ -63,22 +69,50 @@ class Node:
         self.chunks = ChunkIO(self.store, derive_key(swarm_key, "content"))
         self.fs = Filesystem(self.db, self.chunks, data_dir.staging_dir)
         self.fs.read_only = "ro" in config.fuse_options
+        self.membership = Membership(
+            identity,
+            swarm_key,
+            listen=str(config.listen),
+            store=SqlitePeerStore(self.db),
+            tls_dir=data_dir.path,
+            bootstrap=[str(a) for a in config.bootstrap],
+            index_position=lambda: (self.db.reader.index_id(), self.db.reader.sequence()),
+        )
+        self.sync = IndexSync(
+            self.db, self.membership, self.chunks, self.fs.known_inodes, self.fs.remote_applied
+        )
+        self.chunk_service = ChunkService(self.db, self.store, config.cache_size)
+        self.replicator = Replicator(self.db, self.store, self.membership, config.replicas)
+        self.chunks.source = Fetcher(self.db, self.membership)
+        for msg_type, handler in (
+            ("index_since", self.sync.on_index_since),
+            ("announce", self.sync.on_announce),
+            ("chunk_put", self.chunk_service.on_chunk_put),
+            ("chunk_get", self.chunk_service.on_chunk_get),
+        ):
+            self.membership.register_handler(msg_type, handler)
+        self.membership.add_connect_hook(self._peer_connected)
         self._shutdown = trio.Event()
         self.handle_signals = True
 
+    async def _peer_connected(self, conn: PeerConnection) -> None:
+        self.replicator.peer_changed()
+        await self.sync.follow(conn)
+
     def status(self) -> dict[str, Any]:
         stored, cached = self.db.reader.chunk_bytes()
+        backlog_chunks, backlog_bytes = self.db.reader.backlog()
         return {
             "running": True,
             "pid": os.getpid(),
             "node_id": self.node_id,
-            "listen": str(self.config.listen),
-            "peers": [],
+            "listen": self.membership.listen_address or str(self.config.listen),
+            "peers": [p.as_json() for p in self.membership.peers()],
             "files": self.db.reader.count_files(),
             "bytes_stored": stored,
             "bytes_cached": cached,
             "cache_limit": self.config.cache_size,
-            "backlog": {"chunks": 0, "bytes": 0, "records": 0},
+            "backlog": {"chunks": backlog_chunks, "bytes": backlog_bytes, "records": 0},
             "mountpoint": str(self.mountpoint) if self.mountpoint else None,
         }
 
@@ -115,11 +149,16 @@ class Node:
                 )
                 if self.handle_signals:
                     nursery.start_soon(self._watch_signals)
+                await nursery.start(self.membership.run)
+                await nursery.start(self.sync.run)
+                await nursery.start(self.replicator.run)
                 if self.mountpoint is not None:
                     mount.clear_dead_mount(self.mountpoint)
                     options = mount.fuse_options(self.data_dir.path, self.config.fuse_options)
                     mount.init(Operations(self.fs), self.mountpoint, options)
                     mounted = True
+                    invalidator = Invalidator()
+                    self.fs.kernel = invalidator
                     nursery.start_soon(self._run_fuse)
                     await trio.to_thread.run_sync(os.stat, self.mountpoint)
                     log.info("mounted %s (node %s)", self.mountpoint, self.node_id)
@@ -127,6 +166,8 @@ class Node:
                 await self._shutdown.wait()
                 await self.fs.commit_all()
                 if mounted:
+                    invalidator.stop()
+                    self.fs.kernel = None
                     mount.terminate()
                 nursery.cancel_scope.cancel()
         finally:

@@ -19,6 +19,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
@@ -42,6 +43,14 @@ _KIND_BITS = {
     Kind.FIFO: stat.S_IFIFO,
     Kind.SOCKET: stat.S_IFSOCK,
 }
+
+
+class KernelCache(Protocol):
+    """Invalidates the kernel's caches after a remote change (``fuse.invalidator``)."""
+
+    def entry(self, parent_ino: int, name: bytes, deleted_ino: int | None) -> None: ...
+
+    def inode(self, ino: int, attr_only: bool) -> None: ...
 
 
 class FsError(Exception):
@@ -107,6 +116,7 @@ class Filesystem:
         self._locks: dict[int, trio.Lock] = {}
         self._unsynced: dict[int, set[bytes]] = {}  # chunks written but not fsynced, per inode
         self.read_only = False
+        self.kernel: KernelCache | None = None
 
     # -- helpers ----------------------------------------------------------------
     def _row(self, ino: int) -> Row:
@@ -631,6 +641,26 @@ class Filesystem:
         self._unsynced.setdefault(ino, set()).update(c for c, _ in new_chunks)
         staging.reset(size)
         await self.chunks.delete(gone)
+
+    def known_inodes(self) -> set[int]:
+        """Inodes the kernel holds references to (lookups or open handles)."""
+        return set(self._lookups) | {h.ino for h in self._handles.values()}
+
+    async def remote_applied(self, changes: list[tuple[bytes, bytes, int | None, bool]]) -> None:
+        """Records from peers were applied: drop what the kernel cached about them."""
+        if self.kernel is None:
+            return
+        for parent_path, name, old_ino, same_content in changes:
+            parent = self.db.reader.by_path(parent_path)
+            parent_ino = self.db.reader.ino_of(parent.rid) if parent is not None else None
+            if same_content and old_ino is not None:
+                self.kernel.inode(old_ino, attr_only=True)
+            elif parent_ino is not None:
+                self.kernel.entry(parent_ino, name, old_ino)
+            if old_ino is not None and not same_content:
+                self.kernel.inode(old_ino, attr_only=False)
+            if parent_ino is not None:
+                self.kernel.inode(parent_ino, attr_only=True)
 
     async def statfs(self) -> os.statvfs_result:
         return await trio.to_thread.run_sync(os.statvfs, self.staging_dir)

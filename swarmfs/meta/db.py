@@ -10,7 +10,9 @@ are never reused. Version vectors are stored as JSON text.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import secrets
 import sqlite3
@@ -23,11 +25,14 @@ from typing import TypeVar
 
 import trio
 
-from swarmfs.meta.records import Block, Kind, VersionVector, parent_of
+from swarmfs.meta.merge import resolve
+from swarmfs.meta.records import Block, Kind, Record, VersionVector, parent_of
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 ROOT_INO = 1
+HOLE = Block(None, None, 0)
 HIDDEN_PARENT = b"\x00"  # parent of detached (unlinked-but-open) records: never listed or sent
 
 SCHEMA = """
@@ -86,6 +91,27 @@ CREATE TABLE IF NOT EXISTS trash (
     bl         INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS trash_bl ON trash(bl);
+CREATE TABLE IF NOT EXISTS peer_index (
+    node_id  TEXT NOT NULL,
+    index_id INTEGER NOT NULL,         -- the peer's database identity; a new one restarts at 0
+    sequence INTEGER NOT NULL,         -- last of its changes applied here, advanced contiguously
+    PRIMARY KEY (node_id, index_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS peers (
+    node_id   TEXT PRIMARY KEY,        -- from the peer's certificate
+    address   TEXT NOT NULL,           -- where it last listened, host:port
+    last_seen REAL                     -- unix seconds
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS push_queue (
+    chunk_id BLOB PRIMARY KEY,         -- written here, not yet on enough peers
+    size     INTEGER NOT NULL,
+    added    REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS holders (
+    chunk_id BLOB NOT NULL,            -- peers known to hold a chunk (acknowledged pushes)
+    node_id  TEXT NOT NULL,
+    PRIMARY KEY (chunk_id, node_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS chunks (
     chunk_id  BLOB PRIMARY KEY,
     size      INTEGER NOT NULL,        -- ciphertext bytes on disk
@@ -248,11 +274,78 @@ class Queries:
         ).fetchone()
         return r[0], r[1]
 
+    def known_peers(self) -> list[tuple[str, str, float | None]]:
+        return self.conn.execute("SELECT node_id, address, last_seen FROM peers").fetchall()
+
+    def push_batch(self, limit: int) -> list[tuple[bytes, int]]:
+        rows = self.conn.execute(
+            "SELECT chunk_id, size FROM push_queue ORDER BY added LIMIT ?", (limit,)
+        ).fetchall()
+        return [(bytes(c), n) for c, n in rows]
+
+    def backlog(self) -> tuple[int, int]:
+        r = self.conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM push_queue").fetchone()
+        return r[0], r[1]
+
+    def holders(self, chunk_id: bytes) -> set[str]:
+        rows = self.conn.execute("SELECT node_id FROM holders WHERE chunk_id=?", (chunk_id,))
+        return {r[0] for r in rows}
+
     def trash(self) -> list[tuple]:
         return self.conn.execute(
             "SELECT tid, path, kind, size, mtime_ns, deleted_at, deleted_by FROM trash"
             " ORDER BY deleted_at DESC"
         ).fetchall()
+
+    def all_blocks(self, bl: int | None) -> tuple[Block, ...]:
+        """The dense block list (holes filled in) up to the last stored block."""
+        if bl is None:
+            return ()
+        rows = self.conn.execute(
+            "SELECT idx, chunk_id, h, length FROM blocks WHERE bl=? ORDER BY idx", (bl,)
+        ).fetchall()
+        out: list[Block] = []
+        for idx, c, h, n in rows:
+            out.extend(HOLE for _ in range(idx - len(out)))
+            out.append(Block(None if c is None else bytes(c), None if h is None else bytes(h), n))
+        return tuple(out)
+
+    def record(self, row: Row) -> Record:
+        """The replicated form of a row (local-only columns dropped)."""
+        return Record(
+            path=row.path,
+            kind=row.kind,
+            mode=row.mode,
+            uid=row.uid,
+            gid=row.gid,
+            size=row.size,
+            mtime_ns=row.mtime_ns,
+            version=row.version,
+            modified_by=row.modified_by,
+            deleted=row.deleted,
+            target=row.target,
+            blocks=self.all_blocks(row.bl) if row.kind == Kind.FILE and not row.deleted else (),
+        )
+
+    def changes_since(self, sequence: int, limit: int) -> list[Row]:
+        rows = self.conn.execute(
+            f"SELECT {_ROW_COLUMNS} FROM records WHERE sequence>? AND hidden=0 AND path!=x''"
+            " ORDER BY sequence LIMIT ?",
+            (sequence, limit),
+        ).fetchall()
+        return [_row(r) for r in rows]
+
+    def sequence(self) -> int:
+        return int(self.meta("sequence", 0))  # type: ignore[arg-type]
+
+    def index_id(self) -> int:
+        return int(self.meta("index_id"))  # type: ignore[arg-type]
+
+    def peer_sequence(self, node_id: str, index_id: int) -> int:
+        r = self.conn.execute(
+            "SELECT sequence FROM peer_index WHERE node_id=? AND index_id=?", (node_id, index_id)
+        ).fetchone()
+        return 0 if r is None else r[0]
 
 
 class Txn(Queries):
@@ -262,6 +355,7 @@ class Txn(Queries):
         super().__init__(conn)
         self.node_id = node_id
         self.changed_rids: list[int] = []
+        self.invalidations: list[tuple[bytes, bytes, int | None, bool]] = []
 
     def next_sequence(self) -> int:
         seq = int(self.meta("sequence", 0)) + 1  # type: ignore[arg-type]
@@ -392,8 +486,13 @@ class Txn(Queries):
             [(bl, i, b.chunk_id, b.h, b.length) for i, b in changed.items() if i < chunk_count],
         )
         t = time.time()
+        new_chunks = list(new_chunks)
         self.conn.executemany(
             "INSERT OR IGNORE INTO chunks(chunk_id, size, pinned, last_used) VALUES (?,?,1,?)",
+            [(c, n, t) for c, n in new_chunks],
+        )
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO push_queue(chunk_id, size, added) VALUES (?,?,?)",
             [(c, n, t) for c, n in new_chunks],
         )
         cols: dict[str, object] = dict(size=size, mtime_ns=mtime_ns, ctime_ns=now)
@@ -409,9 +508,10 @@ class Txn(Queries):
 
     def drop_unreferenced(self, chunk_ids: Iterable[bytes]) -> list[bytes]:
         """Forget inventory rows of chunks no block list references; returns them for deletion."""
-        gone = [c for c in chunk_ids if not self.chunk_referenced(c)]
-        self.conn.executemany("DELETE FROM chunks WHERE chunk_id=?", [(c,) for c in gone])
-        return gone
+        gone = [(c,) for c in chunk_ids if not self.chunk_referenced(c)]
+        for table in ("chunks", "push_queue", "holders"):
+            self.conn.executemany(f"DELETE FROM {table} WHERE chunk_id=?", gone)
+        return [c for (c,) in gone]
 
     def detach(self, row: Row, ino: int) -> None:
         """Move an open inode off ``row`` onto a hidden copy, so it outlives the path."""
@@ -472,7 +572,7 @@ class Txn(Queries):
                     (lo, hi),
                 )
             ]
-        for r in movers:
+        for r in movers:  # parents first, so receivers never see a child without its parent
             dest = new_path + r.path[len(old_prefix) :]
             existing = self.by_path(dest)
             base = VersionVector()
@@ -480,7 +580,6 @@ class Txn(Queries):
                 assert existing.deleted, "move over a live record"
                 base = existing.version
                 self.conn.execute("DELETE FROM records WHERE rid=?", (existing.rid,))
-            seq = self.next_sequence()
             self._set(
                 r.rid,
                 path=dest,
@@ -489,18 +588,169 @@ class Txn(Queries):
                 version=_vv(base.merge(r.version).bump(self.node_id)),
                 modified_by=self.node_id,
                 ctime_ns=now,
-                sequence=seq,
+                sequence=self.next_sequence(),
             )
+            self.changed_rids.append(r.rid)
+        for r in reversed(movers):  # children's tombstones before their directory's
             tomb = self.conn.execute(
                 "INSERT INTO records(path, parent, name, kind, mode, uid, gid, size, mtime_ns,"
                 " ctime_ns, atime_ns, target, version, modified_by, deleted, sequence, bl, hidden)"
                 " VALUES (?,?,?,?,?,?,?,0,?,?,?,x'',?,?,1,?,NULL,0)",
                 (r.path, parent_of(r.path), r.name, r.kind.value, r.mode, r.uid, r.gid, now, now,
-                 now, _vv(r.version.bump(self.node_id)), self.node_id, seq),
+                 now, _vv(r.version.bump(self.node_id)), self.node_id, self.next_sequence()),
             ).lastrowid  # fmt: skip
-            self.changed_rids += [r.rid, tomb]  # type: ignore[list-item]
+            self.changed_rids.append(tomb)  # type: ignore[arg-type]
         self.touch_dir(parent_of(old_prefix), now)
         self.touch_dir(parent_of(new_path), now)
+
+    def save_peer(self, node_id: str, address: str, last_seen: float | None) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO peers(node_id, address, last_seen) VALUES (?,?,?)",
+            (node_id, address, last_seen),
+        )
+
+    def add_holder(self, chunk_id: bytes, node_id: str, done: bool) -> None:
+        """A peer acknowledged a push; ``done``: the chunk has all the replicas it needs."""
+        self.conn.execute(
+            "INSERT OR IGNORE INTO holders(chunk_id, node_id) VALUES (?,?)", (chunk_id, node_id)
+        )
+        if done:
+            self.conn.execute("DELETE FROM push_queue WHERE chunk_id=?", (chunk_id,))
+
+    def add_chunk(self, chunk_id: bytes, size: int, pinned: bool) -> None:
+        """A chunk arrived from a peer: a replica (pinned) or a read-through copy (cache)."""
+        self.conn.execute(
+            "INSERT INTO chunks(chunk_id, size, pinned, last_used) VALUES (?,?,?,?)"
+            " ON CONFLICT(chunk_id) DO UPDATE SET pinned=MAX(pinned, excluded.pinned),"
+            " last_used=excluded.last_used",
+            (chunk_id, size, int(pinned), time.time()),
+        )
+
+    def set_peer_sequence(self, node_id: str, index_id: int, sequence: int) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO peer_index(node_id, index_id, sequence) VALUES (?,?,?)",
+            (node_id, index_id, sequence),
+        )
+
+    def apply_remote(self, rec: Record, known_inos: set[int]) -> None:
+        """Merge a record from a peer into this node (DESIGN.md §3 merge rules).
+
+        Changes are sequenced here so they are announced on to other peers;
+        ``self.invalidations`` collects (parent path, name, old inode) for the
+        kernel caches. ``known_inos``: inodes the kernel holds (they get detached
+        instead of dropped when their content is replaced or deleted).
+        """
+        row = self.by_path(rec.path)
+        local = self.record(row) if row is not None else None
+        res = resolve(local, rec)
+        if res.changed:
+            self._store(row, res.winner, known_inos)
+        if res.conflict is not None:
+            self.apply_remote(res.conflict, known_inos)
+
+    def _store(self, row: Row | None, rec: Record, known_inos: set[int]) -> None:
+        now = now_ns()
+        if not rec.deleted and not self._ensure_parents(rec, now):
+            return
+        revive = rec.deleted and rec.kind == Kind.DIR and row is not None and not row.deleted
+        if revive and self.has_children(rec.path):  # deleted here while a child was added
+            self._set(
+                row.rid,  # type: ignore[union-attr]
+                version=_vv(row.version.merge(rec.version).bump(self.node_id)),  # type: ignore[union-attr]
+                modified_by=self.node_id,
+                sequence=self.next_sequence(),
+            )
+            return
+        old_ino = self.ino_of(row.rid) if row is not None else None
+        same_content = (
+            row is not None
+            and not row.deleted
+            and not rec.deleted
+            and row.kind == rec.kind
+            and row.target == rec.target
+            and (rec.kind != Kind.FILE or self.all_blocks(row.bl) == _trim(rec.blocks))
+        )
+        if row is not None and not row.deleted and not same_content:
+            if rec.deleted and row.kind == Kind.FILE and row.bl is not None:
+                self.conn.execute(
+                    "INSERT INTO trash(path, kind, mode, size, mtime_ns, deleted_at, deleted_by,"
+                    " bl) VALUES (?,?,?,?,?,?,?,?)",
+                    (row.path, row.kind.value, row.mode, row.size, row.mtime_ns, now / 1e9,
+                     rec.modified_by, row.bl),
+                )  # fmt: skip
+            if old_ino is not None and old_ino in known_inos:
+                self.detach(row, old_ino)
+            else:
+                self.conn.execute("DELETE FROM inodes WHERE rid=?", (row.rid,))
+            if not rec.deleted and row.bl is not None:
+                bl, row = row.bl, dataclasses.replace(row, bl=None)
+                self._set(row.rid, bl=None)
+                self.drop_blocklist_if_unused(bl)
+        bl = row.bl if row is not None and same_content else None
+        if rec.kind == Kind.FILE and not rec.deleted and not same_content:
+            bl = self.new_blocklist()
+            self.conn.executemany(
+                "INSERT INTO blocks(bl, idx, chunk_id, h, length) VALUES (?,?,?,?,?)",
+                [
+                    (bl, i, b.chunk_id, b.h, b.length)
+                    for i, b in enumerate(rec.blocks)
+                    if b.chunk_id is not None
+                ],
+            )
+        values = dict(
+            kind=rec.kind.value, mode=rec.mode, uid=rec.uid, gid=rec.gid, size=rec.size,
+            mtime_ns=rec.mtime_ns, ctime_ns=now, target=rec.target, version=_vv(rec.version),
+            modified_by=rec.modified_by, deleted=int(rec.deleted), sequence=self.next_sequence(),
+            bl=bl,
+        )  # fmt: skip
+        if row is None:
+            rid = self.conn.execute(
+                "INSERT INTO records(path, parent, name, kind, mode, uid, gid, size, mtime_ns,"
+                " ctime_ns, atime_ns, target, version, modified_by, deleted, sequence, bl, hidden)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,0)",
+                (rec.path, parent_of(rec.path), rec.name, values["kind"], rec.mode, rec.uid,
+                 rec.gid, rec.size, rec.mtime_ns, now, rec.mtime_ns, rec.target, values["version"],
+                 rec.modified_by, values["deleted"], values["sequence"], bl),
+            ).lastrowid  # fmt: skip
+        else:
+            rid = row.rid
+            self._set(rid, **values)
+        if not rec.deleted and self.ino_of(rid) is None:  # type: ignore[arg-type]
+            self.new_inode(rid)  # type: ignore[arg-type]
+        self.touch_dir(parent_of(rec.path), now)
+        self.invalidations.append((parent_of(rec.path), rec.name, old_ino, same_content))
+
+    def _ensure_parents(self, rec: Record, now: int) -> bool:
+        """A live record needs live directories above it: revive or create them."""
+        parts = rec.path.split(b"/")[:-1]
+        for depth in range(1, len(parts) + 1):
+            path = b"/".join(parts[:depth])
+            row = self.by_path(path)
+            if row is not None and not row.deleted:
+                if row.kind != Kind.DIR:
+                    log.warning("record %r lies under a non-directory; not applied", rec.path)
+                    return False
+                continue
+            version = (row.version if row is not None else VersionVector()).bump(self.node_id)
+            values = dict(
+                kind="dir", mode=0o755, uid=rec.uid, gid=rec.gid, size=0, mtime_ns=now,
+                ctime_ns=now, target=b"", version=_vv(version), modified_by=self.node_id,
+                deleted=0, sequence=self.next_sequence(), bl=None,
+            )  # fmt: skip
+            if row is None:
+                rid = self.conn.execute(
+                    "INSERT INTO records(path, parent, name, kind, mode, uid, gid, size,"
+                    " mtime_ns, ctime_ns, atime_ns, target, version, modified_by, deleted,"
+                    " sequence, bl, hidden) VALUES (?,?,?,'dir',?,?,?,0,?,?,?,x'',?,?,0,?,NULL,0)",
+                    (path, parent_of(path), parts[depth - 1], 0o755, rec.uid, rec.gid, now, now,
+                     now, values["version"], self.node_id, values["sequence"]),
+                ).lastrowid  # fmt: skip
+            else:
+                rid = row.rid
+                self._set(rid, **values)
+            self.new_inode(rid)  # type: ignore[arg-type]
+            self.invalidations.append((parent_of(path), parts[depth - 1], None, False))
+        return True
 
     def forget_hidden(self, ino: int) -> list[bytes]:
         """The kernel forgot a detached inode: drop it and its unshared chunks."""
@@ -560,6 +810,7 @@ class Database:
         self._lock = threading.Lock()
         self._limiter = trio.CapacityLimiter(1)
         self.reader = Queries(_connect(path))
+        self._changed = trio.Event()
         self._init_root()
 
     def _init_root(self) -> None:
@@ -596,7 +847,16 @@ class Database:
 
     async def write(self, fn: Callable[[Txn], T]) -> T:
         """Run ``fn`` in one transaction on the writer thread; the event loop only waits."""
-        return await trio.to_thread.run_sync(self.write_sync, fn, limiter=self._limiter)
+        try:
+            return await trio.to_thread.run_sync(self.write_sync, fn, limiter=self._limiter)
+        finally:
+            changed, self._changed = self._changed, trio.Event()
+            changed.set()
+
+    async def wait_changed(self, seen_sequence: int) -> None:
+        """Return once a change after ``seen_sequence`` is committed."""
+        while self.reader.sequence() <= seen_sequence:
+            await self._changed.wait()
 
     def fsync_sync(self) -> None:
         """Make every committed transaction survive power loss: fsync the WAL.
@@ -618,3 +878,11 @@ class Database:
     def close(self) -> None:
         self.reader.conn.close()
         self._writer.close()
+
+
+def _trim(blocks: tuple[Block, ...]) -> tuple[Block, ...]:
+    """A block list without trailing holes (stored lists never end in one)."""
+    end = len(blocks)
+    while end and blocks[end - 1] == HOLE:
+        end -= 1
+    return blocks[:end]

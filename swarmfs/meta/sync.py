@@ -1,0 +1,235 @@
+"""Index sync (DESIGN.md §5 "Sync"): every node catches up on every record change.
+
+Each change this node applies, local or received, has its own sequence
+number. On connecting, this node asks the peer for its records after the last
+sequence received from it (remembered per peer and index id, advanced
+contiguously in the same transaction as the records), page by page; then
+``announce`` pushes arrive live. An announce that does not continue the
+remembered sequence exactly triggers a pull instead, so nothing is skipped.
+
+Changes are announced to every connected peer, the source of a received change
+included: the echo merges as "no change" at the source, and keeping every
+peer's view of our sequence contiguous is simpler and cheaper than the pulls a
+gap would cause.
+
+Runs on the trio loop; applying is one database write per page.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Any, Protocol
+
+import trio
+
+from swarmfs.errors import ChunkMissing, CorruptChunk
+from swarmfs.meta.db import Database, Row
+from swarmfs.meta.records import Block, Record
+from swarmfs.meta.wireform import (
+    INLINE_BLOCKS,
+    MANIFEST_ENTRIES,
+    InvalidRecord,
+    pack_manifest,
+    record_from_map,
+    record_to_map,
+    unpack_manifest,
+)
+from swarmfs.net.peer import PeerConnection, PeerUnavailable
+from swarmfs.net.wire import Announce, Error, Index, IndexSince, Message
+
+log = logging.getLogger(__name__)
+
+PAGE_BYTES = 512 * 1024  # estimated record bytes per index page, well under a frame
+PAGE_RECORDS = 2000
+
+Invalidations = list[tuple[bytes, bytes, int | None, bool]]
+
+
+class Peers(Protocol):
+    def connected_peers(self) -> list[PeerConnection]: ...
+
+
+class ManifestStore(Protocol):
+    """Seals and reads manifest chunks (block lists too long to travel inline)."""
+
+    async def seal_and_store(self, plaintext: bytes) -> tuple[Block, int]: ...
+
+    async def read(self, block: Block) -> bytes: ...
+
+
+def _estimate(rec: Record) -> int:
+    return 200 + len(rec.path) + len(rec.target) + 80 * min(len(rec.blocks), INLINE_BLOCKS)
+
+
+class IndexSync:
+    def __init__(
+        self,
+        db: Database,
+        peers: Peers,
+        manifests: ManifestStore,
+        known_inodes: Callable[[], set[int]],
+        applied: Callable[[Invalidations], Awaitable[None]],
+    ) -> None:
+        self.db = db
+        self.peers = peers
+        self.manifests = manifests
+        self._known_inodes = known_inodes
+        self._applied = applied
+        self._apply_locks: dict[str, trio.Lock] = {}
+        self._pull_wanted: dict[str, trio.Event] = {}
+
+    # -- serving -------------------------------------------------------------------
+    async def export(self, rows: list[Row], with_sequence: bool) -> list[dict[str, Any]]:
+        out = []
+        for row in rows:
+            rec = self.db.reader.record(row)
+            manifests = None
+            if len(rec.blocks) > INLINE_BLOCKS:
+                manifests = []
+                for i in range(0, len(rec.blocks), MANIFEST_ENTRIES):
+                    block, _ = await self.manifests.seal_and_store(
+                        pack_manifest(rec.blocks[i : i + MANIFEST_ENTRIES])
+                    )
+                    manifests.append((block.chunk_id, block.h))
+            m = record_to_map(rec, manifests)
+            if with_sequence:
+                m["q"] = row.sequence
+            out.append(m)
+        return out
+
+    def _page(self, since: int) -> tuple[list[Row], bool]:
+        rows = self.db.reader.changes_since(since, PAGE_RECORDS)
+        total, page = 0, []
+        for row in rows:
+            total += 200 + len(row.path) + 80 * min(row.size // (1 << 20) + 1, INLINE_BLOCKS)
+            if page and total > PAGE_BYTES:
+                return page, True
+            page.append(row)
+        return page, len(rows) == PAGE_RECORDS
+
+    async def on_index_since(self, conn: PeerConnection, msg: Message) -> Message:
+        assert isinstance(msg, IndexSince)
+        index_id = self.db.reader.index_id()
+        since = msg.since if msg.index_id == index_id else 0
+        rows, more = self._page(since)
+        records = await self.export(rows, with_sequence=True)
+        last = rows[-1].sequence if rows else since
+        return Index(index_id=index_id, sequence=last, records=tuple(records), more=more)
+
+    # -- receiving -------------------------------------------------------------------
+    async def _decode(self, conn: PeerConnection, maps: tuple[dict[str, Any], ...]) -> list[Record]:
+        out = []
+        for m in maps:
+            try:
+                rec, manifests = record_from_map(m)
+                if manifests is not None:
+                    blocks: list[Block] = []
+                    for chunk_id, h in manifests:
+                        blocks += unpack_manifest(await self.manifests.read(Block(chunk_id, h, 0)))
+                    rec = _with_blocks(rec, blocks, m.get("n"))
+            except InvalidRecord as exc:
+                log.warning("peer %s sent an invalid record (%s); skipped", conn, exc)
+                continue
+            except (ChunkMissing, CorruptChunk) as exc:
+                log.warning("peer %s: a record's block list is unavailable (%s)", conn, exc)
+                raise PeerUnavailable(str(exc)) from None
+            out.append(rec)
+        return out
+
+    async def _apply(
+        self, conn: PeerConnection, index_id: int, records: list[Record], sequence: int
+    ) -> None:
+        known = self._known_inodes()
+        peer = conn.peer_id
+
+        def txn(t: Any) -> Invalidations:
+            for rec in records:
+                t.apply_remote(rec, known)
+            t.set_peer_sequence(peer, index_id, sequence)
+            return t.invalidations
+
+        invalidations = await self.db.write(txn)
+        if invalidations:
+            await self._applied(invalidations)
+
+    def _lock(self, peer: str) -> trio.Lock:
+        return self._apply_locks.setdefault(peer, trio.Lock())
+
+    async def pull(self, conn: PeerConnection) -> None:
+        """Fetch and apply every record the peer changed since we last heard from it."""
+        hello = conn.remote_hello
+        index_id = hello.index_id if hello is not None else 0
+        async with self._lock(conn.peer_id):
+            while True:
+                since = self.db.reader.peer_sequence(conn.peer_id, index_id)
+                reply = await conn.request(IndexSince(index_id=index_id, since=since))
+                if isinstance(reply, Error) or not isinstance(reply, Index):
+                    log.warning("peer %s refused index_since: %s", conn, reply)
+                    return
+                index_id = reply.index_id  # a new database over there restarts from 0
+                records = await self._decode(conn, reply.records)
+                await self._apply(conn, index_id, records, reply.sequence)
+                if not reply.more:
+                    return
+
+    async def on_announce(self, conn: PeerConnection, msg: Message) -> None:
+        assert isinstance(msg, Announce)
+        async with self._lock(conn.peer_id):
+            remembered = self.db.reader.peer_sequence(conn.peer_id, msg.index_id)
+            seqs = [m.get("q") for m in msg.records]
+            contiguous = seqs == list(range(remembered + 1, remembered + 1 + len(seqs)))
+            if msg.sequence <= remembered:
+                return  # already have all of it
+            if contiguous and seqs:
+                records = await self._decode(conn, msg.records)
+                await self._apply(conn, msg.index_id, records, msg.sequence)
+                return
+        self._want_pull(conn.peer_id)
+
+    def _want_pull(self, peer: str) -> None:
+        event = self._pull_wanted.get(peer)
+        if event is not None:
+            event.set()
+
+    async def follow(self, conn: PeerConnection) -> None:
+        """Connect hook: pull now, and again whenever an announce leaves a gap."""
+        while not conn.closed:
+            self._pull_wanted[conn.peer_id] = event = trio.Event()
+            try:
+                await self.pull(conn)
+            except PeerUnavailable as exc:
+                log.info("index sync with %s stopped: %s", conn, exc)
+                return
+            await event.wait()
+
+    # -- announcing --------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Announce every change (local or applied) to every connected peer, in order."""
+        last = self.db.reader.sequence()
+        task_status.started()
+        while True:
+            await self.db.wait_changed(last)
+            rows, _ = self._page(last)
+            if not rows:
+                last = self.db.reader.sequence()
+                continue
+            records = await self.export(rows, with_sequence=True)
+            msg = Announce(
+                index_id=self.db.reader.index_id(),
+                sequence=rows[-1].sequence,
+                records=tuple(records),
+            )
+            for conn in self.peers.connected_peers():
+                try:
+                    await conn.send(msg)
+                except PeerUnavailable:
+                    continue
+            last = rows[-1].sequence
+
+
+def _with_blocks(rec: Record, blocks: list[Block], count: object) -> Record:
+    if not isinstance(count, int) or count != len(blocks):
+        raise InvalidRecord("manifest block count does not match")
+    return replace(rec, blocks=tuple(blocks))

@@ -1,0 +1,227 @@
+"""Chunk replication (DESIGN.md §5 "Replication"): push on write, fetch on read.
+
+``Replicator`` drains the push queue: each chunk written here goes to
+``replicas - 1`` connected peers in rendezvous order (``None`` = all), several
+pushes in flight, retried with backoff, never blocking a writer; a ``no_space``
+answer moves the push to the next peer. ``Fetcher`` is the ``ChunkSource`` for
+reads: replica holders first, then every other connected peer, each answer
+checked against the chunk id before it is used; bounded in time. The handlers
+serve ``chunk_put`` (verify, then store) and ``chunk_get``.
+
+Runs on the trio loop; hashing and disk I/O go to worker threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable
+
+import trio
+
+from swarmfs.crypto.chunks import id_matches
+from swarmfs.errors import ChunkMissing
+from swarmfs.meta.db import Database
+from swarmfs.net.peer import PeerConnection, PeerUnavailable
+from swarmfs.net.wire import Chunk, ChunkGet, ChunkPut, Error, Message, Missing, Stored
+from swarmfs.store.cas import ChunkStore
+from swarmfs.swarm.placement import rank
+
+log = logging.getLogger(__name__)
+
+PUSH_WINDOW = 8
+FETCH_TIMEOUT = 30.0
+NO_SPACE = "no_space"
+BAD_CHUNK = "bad_chunk"
+DISK_RESERVE = 64 * 1024 * 1024  # refuse replicas before the disk is completely full
+
+
+class Peers:
+    """What replication needs of membership (``swarm.membership.Membership``)."""
+
+    def connected_peers(self) -> list[PeerConnection]: ...  # pragma: no cover
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None: ...  # pragma: no cover
+
+
+class ChunkService:
+    """Serves ``chunk_put`` and ``chunk_get`` from this node's store."""
+
+    def __init__(self, db: Database, store: ChunkStore, cache_limit: int) -> None:
+        self.db = db
+        self.store = store
+        self.cache_limit = cache_limit
+
+    async def on_chunk_get(self, conn: PeerConnection, msg: Message) -> Message:
+        assert isinstance(msg, ChunkGet)
+        try:
+            data = await trio.to_thread.run_sync(self.store.get, msg.chunk_id)
+        except ChunkMissing:
+            return Missing(chunk_id=msg.chunk_id)
+        return Chunk(chunk_id=msg.chunk_id, data=data)
+
+    def _has_room(self, size: int) -> bool:
+        _, cached = self.db.reader.chunk_bytes()
+        if cached + size > self.cache_limit:
+            return False
+        return shutil.disk_usage(self.store.root).free > size + DISK_RESERVE
+
+    async def on_chunk_put(self, conn: PeerConnection, msg: Message) -> Message:
+        assert isinstance(msg, ChunkPut)
+        if not await trio.to_thread.run_sync(id_matches, msg.chunk_id, msg.data):
+            log.warning("peer %s pushed chunk %s whose content does not match its id",
+                        conn, msg.chunk_id.hex()[:16])  # fmt: skip
+            return Error(code=BAD_CHUNK, text="content does not match the chunk id")
+        if not await trio.to_thread.run_sync(self._has_room, len(msg.data)):
+            return Error(code=NO_SPACE, text="no space for replicas")
+        try:
+            await trio.to_thread.run_sync(self.store.put, msg.chunk_id, msg.data)
+        except OSError as exc:
+            log.warning("storing chunk %s from %s failed: %s", msg.chunk_id.hex()[:16], conn, exc)
+            return Error(code=NO_SPACE, text=os.strerror(exc.errno or 0))
+        await self.db.write(lambda t: t.add_chunk(msg.chunk_id, len(msg.data), pinned=True))
+        return Stored(chunk_id=msg.chunk_id)
+
+
+class Replicator:
+    """Drains the push queue; see the module docstring."""
+
+    def __init__(self, db: Database, store: ChunkStore, peers: Peers, replicas: int | None) -> None:
+        self.db = db
+        self.store = store
+        self.peers = peers
+        self.replicas = replicas
+        self._retry_at: dict[bytes, float] = {}
+        self._failures: dict[bytes, int] = {}
+        self._peer_change = trio.Event()
+
+    def peer_changed(self) -> None:
+        event, self._peer_change = self._peer_change, trio.Event()
+        event.set()
+
+    def _wanted(self, connected: list[str]) -> int:
+        return len(connected) if self.replicas is None else min(self.replicas - 1, len(connected))
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        if self.replicas is not None and self.replicas <= 1:
+            return  # nothing is pushed; fetch on read still works
+        while True:
+            seq = self.db.reader.sequence()
+            now = trio.current_time()
+            batch = [
+                (c, n) for c, n in self.db.reader.push_batch(256)
+                if self._retry_at.get(c, 0) <= now
+            ]  # fmt: skip
+            peers = {c.peer_id: c for c in self.peers.connected_peers()}
+            if not batch or not peers:
+                with trio.move_on_after(self._next_retry(now)):
+                    async with trio.open_nursery() as waits:
+                        waits.start_soon(self._wait_then_cancel, self.db.wait_changed, seq, waits)
+                        waits.start_soon(
+                            self._wait_then_cancel, self._peer_change.wait, None, waits
+                        )
+                continue
+            limiter = trio.Semaphore(PUSH_WINDOW)
+            async with trio.open_nursery() as nursery:
+                for chunk_id, _ in batch:
+                    await limiter.acquire()
+                    nursery.start_soon(self._push_one, chunk_id, peers, limiter)
+
+    @staticmethod
+    async def _wait_then_cancel(fn, arg, nursery: trio.Nursery) -> None:  # type: ignore[no-untyped-def]
+        await (fn(arg) if arg is not None else fn())
+        nursery.cancel_scope.cancel()
+
+    def _next_retry(self, now: float) -> float:
+        future = [t - now for t in self._retry_at.values() if t > now]
+        return min(future) if future else 3600.0
+
+    async def _push_one(
+        self, chunk_id: bytes, peers: dict[str, PeerConnection], limiter: trio.Semaphore
+    ) -> None:
+        try:
+            holders = self.db.reader.holders(chunk_id)
+            want = self._wanted(list(peers))
+            done = len(holders & peers.keys())
+            try:
+                data = await trio.to_thread.run_sync(self.store.get, chunk_id)
+            except ChunkMissing:  # superseded and deleted meanwhile
+                await self.db.write(lambda t: t.add_holder(chunk_id, "", done=True))
+                return
+            for node_id in rank(chunk_id, peers):
+                if done >= want:
+                    break
+                if node_id in holders:
+                    continue
+                try:
+                    reply = await peers[node_id].request(ChunkPut(chunk_id=chunk_id, data=data))
+                except PeerUnavailable as exc:
+                    log.info("push of %s to %s failed: %s", chunk_id.hex()[:16], node_id[:12], exc)
+                    continue
+                if isinstance(reply, Stored):
+                    done += 1
+                    finished = done >= want
+                    await self.db.write(
+                        lambda t, n=node_id, f=finished: t.add_holder(chunk_id, n, f)
+                    )
+                elif isinstance(reply, Error):
+                    log.info("peer %s refused chunk %s: %s", node_id[:12], chunk_id.hex()[:16],
+                             reply.code)  # fmt: skip
+            if done < want:
+                failures = self._failures.get(chunk_id, 0) + 1
+                self._failures[chunk_id] = failures
+                self._retry_at[chunk_id] = trio.current_time() + min(60.0, 0.5 * 2**failures)
+            else:
+                self._failures.pop(chunk_id, None)
+                self._retry_at.pop(chunk_id, None)
+        finally:
+            limiter.release()
+
+
+class Fetcher:
+    """``fs.content.ChunkSource``: fetch a chunk this node lacks from its peers."""
+
+    def __init__(self, db: Database, peers: Peers, timeout: float = FETCH_TIMEOUT) -> None:
+        self.db = db
+        self.peers = peers
+        self.timeout = timeout
+
+    async def fetch(self, chunk_id: bytes, h: bytes) -> bytes:
+        asked: list[str] = []
+        with trio.move_on_after(self.timeout):
+            while True:
+                holders = self.db.reader.holders(chunk_id)
+                candidates = [c for c in self.peers.connected_peers() if c.peer_id not in asked]
+                candidates.sort(key=lambda c: (c.peer_id not in holders, c.rtt_ms or 1e9))
+                for conn in candidates:
+                    asked.append(conn.peer_id)
+                    data = await self._ask(conn, chunk_id)
+                    if data is not None:
+                        await self._remember(chunk_id, len(data))
+                        return data
+                known = {c.peer_id for c in self.peers.connected_peers()}
+                await self.peers.wait_for(
+                    lambda k=known: bool({c.peer_id for c in self.peers.connected_peers()} - k)
+                )
+        names = ", ".join(a[:12] for a in asked) or "none connected"
+        log.error("chunk %s: no peer could provide it (asked: %s)", chunk_id.hex()[:16], names)
+        raise ChunkMissing(f"chunk {chunk_id.hex()[:16]} is on no reachable peer (asked: {names})")
+
+    async def _remember(self, chunk_id: bytes, size: int) -> None:
+        await self.db.write(lambda t: t.add_chunk(chunk_id, size, pinned=False))
+
+    async def _ask(self, conn: PeerConnection, chunk_id: bytes) -> bytes | None:
+        try:
+            reply = await conn.request(ChunkGet(chunk_id=chunk_id))
+        except PeerUnavailable as exc:
+            log.info("fetch of %s from %s failed: %s", chunk_id.hex()[:16], conn, exc)
+            return None
+        if not isinstance(reply, Chunk):
+            return None
+        if not await trio.to_thread.run_sync(id_matches, chunk_id, reply.data):
+            log.warning("peer %s served chunk %s with wrong content; skipped",
+                        conn, chunk_id.hex()[:16])  # fmt: skip
+            return None
+        return reply.data
