@@ -24,6 +24,7 @@ from swarmfs.net.wire import (
     Missing,
     Ping,
     Pong,
+    Stored,
     UnknownRequest,
     decode_frames,
     decode_message,
@@ -33,6 +34,7 @@ from swarmfs.net.wire import (
 
 ids = st.integers(0, 2**63 - 1)
 u64 = st.integers(0, 2**64 - 1)
+node_ids = st.text(alphabet="abcdefghijklmnopqrstuvwxyz234567", min_size=26, max_size=26)
 chunk_ids = st.binary(min_size=32, max_size=32)
 chunk_data = st.binary(max_size=4096)
 addresses = st.one_of(
@@ -68,7 +70,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
         Hello,
         version=st.integers(0, 10),
         listen=st.none() | addresses,
-        peers=st.lists(addresses, max_size=5).map(tuple),
+        peers=st.lists(st.tuples(node_ids, addresses), max_size=5).map(tuple),
         index_id=u64,
         sequence=ids,
     ),
@@ -76,6 +78,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Index, id=ids, index_id=u64, sequence=ids, records=records, more=st.booleans()),
     st.builds(Announce, index_id=u64, sequence=ids, records=records),
     st.builds(ChunkPut, id=ids, chunk_id=chunk_ids, data=chunk_data),
+    st.builds(Stored, id=ids, chunk_id=chunk_ids),
     st.builds(ChunkGet, id=ids, chunk_id=chunk_ids),
     st.builds(Chunk, id=ids, chunk_id=chunk_ids, data=chunk_data),
     st.builds(Missing, id=ids, chunk_id=chunk_ids),
@@ -190,6 +193,13 @@ def test_unknown_type_with_id_becomes_an_unknown_request() -> None:
     ("body", "reason"),
     [
         (msgpack.packb([1, 2]), "not a map"),
+        (
+            msgpack.packb(
+                {"t": "hello", "version": 1, "listen": None, "peers": [["short", "h:1"]]}
+                | {"index_id": 0, "sequence": 0}
+            ),
+            r"\[node id, address\]",
+        ),
         (msgpack.packb({"id": 1}), "no message type"),
         (msgpack.packb({"t": "ping"}), "missing field 'id'"),
         (msgpack.packb({"t": "ping", "id": -1}), "'id' must be"),

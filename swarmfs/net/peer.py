@@ -160,6 +160,13 @@ class PeerConnection:
             raise PeerUnavailable(f"{self}: {self.close_reason}")
         return slot.reply
 
+    async def ping(self, timeout: float | None = None) -> float:
+        """Measure the round-trip time in milliseconds (also kept in ``rtt_ms``)."""
+        start = trio.current_time()
+        await self.request(Ping(), timeout)
+        self.rtt_ms = (trio.current_time() - start) * 1000
+        return self.rtt_ms
+
     def _check_open(self) -> None:
         if self.closed:
             raise PeerUnavailable(f"{self}: {self.close_reason}")
@@ -307,16 +314,13 @@ class PeerConnection:
         """Measure RTT now and every ``ping_interval``; close a peer silent for ``dead_after``."""
         settings = self._settings
         while True:
-            start = trio.current_time()
             try:
-                await self.request(Ping(), timeout=settings.dead_after)
+                await self.ping(timeout=settings.dead_after)
             except PeerUnavailable:
                 # A long queue of big frames can delay a pong; only silence is death.
                 if trio.current_time() - self._last_received >= settings.dead_after:
                     self._abort(f"no answer for {settings.dead_after:g} s")
                     return
-            else:
-                self.rtt_ms = (trio.current_time() - start) * 1000
             await trio.sleep(settings.ping_interval)
 
 

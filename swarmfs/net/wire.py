@@ -43,6 +43,8 @@ MAX_CHUNK_DATA = CHUNK_SIZE + 1024
 """A stored chunk is its plaintext plus a format byte and an AEAD tag; leave headroom."""
 
 CHUNK_ID_SIZE = 32
+NODE_ID_LEN = 26
+_BASE32_LOWER = frozenset("abcdefghijklmnopqrstuvwxyz234567")
 MAX_ADDRESS_LEN = 300
 MAX_PEERS_IN_HELLO = 256
 MAX_RECORDS = 10_000
@@ -138,8 +140,11 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    """Split ``host:port``; ``ValueError`` with a readable message if malformed."""
+def parse_address(text: str, *, allow_port_zero: bool = False) -> tuple[str, int]:
+    """Split ``host:port``; ``ValueError`` with a readable message if malformed.
+
+    Port 0 ("any free port") makes sense only for a listen address.
+    """
     host, sep, port_text = text.rpartition(":")
     if not sep or not host or not port_text.isdigit():
         raise ValueError(f"{text!r} is not HOST:PORT")
@@ -149,7 +154,7 @@ def parse_address(text: str) -> tuple[str, int]:
     elif ":" in host:
         raise ValueError(f"{text!r}: write an IPv6 host in brackets, [{host}]:{port_text}")
     port = int(port_text)
-    if not 0 < port < 65536:
+    if not (0 if allow_port_zero else 1) <= port < 65536:
         raise ValueError(f"{text!r}: port out of range")
     return host, port
 
@@ -223,11 +228,20 @@ def _check_address(m: Mapping[str, Any], key: str, v: object) -> str:
     return v
 
 
-def _addresses(m: Mapping[str, Any], key: str) -> tuple[str, ...]:
+def _peer_list(m: Mapping[str, Any], key: str) -> tuple[tuple[str, str], ...]:
     v = _field(m, key)
     if not isinstance(v, list) or len(v) > MAX_PEERS_IN_HELLO:
         raise ProtocolError(f"{m.get('t')}: {key!r} must be a list of at most {MAX_PEERS_IN_HELLO}")
-    return tuple(_check_address(m, key, a) for a in v)
+    out = []
+    for entry in v:
+        if not (isinstance(entry, list) and len(entry) == 2 and _is_node_id(entry[0])):
+            raise ProtocolError(f"{m.get('t')}: {key!r} entries must be [node id, address]")
+        out.append((entry[0], _check_address(m, key, entry[1])))
+    return tuple(out)
+
+
+def _is_node_id(v: object) -> bool:
+    return isinstance(v, str) and len(v) == NODE_ID_LEN and set(v) <= _BASE32_LOWER
 
 
 def _records(m: Mapping[str, Any], key: str) -> tuple[dict[str, Any], ...]:
@@ -300,7 +314,8 @@ class Hello(Message):
     TYPE: ClassVar[str] = "hello"
     version: int = PROTOCOL_VERSION
     listen: str | None = None
-    peers: tuple[str, ...] = ()
+    peers: tuple[tuple[str, str], ...] = ()
+    """``(node id, address)`` of peers the sender knows; the id is only a hint."""
     index_id: int = 0
     sequence: int = 0
 
@@ -309,7 +324,7 @@ class Hello(Message):
             "t": self.TYPE,
             "version": self.version,
             "listen": self.listen,
-            "peers": list(self.peers),
+            "peers": [list(p) for p in self.peers],
             "index_id": self.index_id,
             "sequence": self.sequence,
         }
@@ -319,7 +334,7 @@ class Hello(Message):
         return cls(
             version=_int(m, "version"),
             listen=_opt_address(m, "listen"),
-            peers=_addresses(m, "peers"),
+            peers=_peer_list(m, "peers"),
             index_id=_int(m, "index_id", _U64),
             sequence=_int(m, "sequence"),
         )
@@ -465,6 +480,21 @@ class Missing(Reply):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Stored(Reply):
+    """``chunk_put`` succeeded: the chunk is stored (verified against its id) on the peer."""
+
+    TYPE: ClassVar[str] = "stored"
+    chunk_id: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": self.TYPE, "id": self.id, "chunk_id": self.chunk_id}
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any]) -> Stored:
+        return cls(id=_req_id(m), chunk_id=_bytes(m, "chunk_id", CHUNK_ID_SIZE, exact=True))
+
+
+@dataclass(frozen=True, kw_only=True)
 class Ping(Request):
     TYPE: ClassVar[str] = "ping"
 
@@ -546,6 +576,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         ChunkGet,
         Chunk,
         Missing,
+        Stored,
         Ping,
         Pong,
         Error,
