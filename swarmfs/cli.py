@@ -212,17 +212,19 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 def _launch(argv: list[str], data_dir: DataDir) -> int:
-    """Start ``argv --foreground`` detached and relay its readiness line."""
+    """Start ``argv`` with ``--foreground`` detached and relay its readiness line."""
     data_dir.create()
     try:
         log_file = data_dir.log_file.open("ab")
     except OSError as exc:
         raise UserError(f"cannot write {data_dir.log_file}: {exc.strerror}") from None
     read_end, write_end = os.pipe()
+    # Right after the command name, so a "--" in argv cannot swallow them.
+    flags = ["--foreground", f"--ready-fd={write_end}"]
     try:
         with log_file:
             child = subprocess.Popen(
-                [sys.executable, "-m", "swarmfs", *argv, "--foreground", f"--ready-fd={write_end}"],
+                [sys.executable, "-m", "swarmfs", argv[0], *flags, *argv[1:]],
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=log_file,
