@@ -22,6 +22,8 @@ from swarmfs.store.cas import ChunkStore
 
 log = logging.getLogger(__name__)
 
+PREFETCH_PARALLEL = 8  # chunks loaded ahead at once, node-wide
+
 
 class ChunkSource(Protocol):
     """Where a chunk that is not stored here comes from (peers)."""
@@ -46,6 +48,9 @@ class ChunkIO:
         self._plain_bytes = 0
         self._cache_limit = cache_bytes
         self.source = source
+        self._inflight: dict[bytes, trio.Event] = {}
+        self._prefetch_slots = trio.Semaphore(PREFETCH_PARALLEL)
+        self.nursery: trio.Nursery | None = None  # where read-ahead runs; set by the node
 
     async def seal_and_store(self, plaintext: bytes) -> tuple[Block, int]:
         """Encrypt and store one chunk; returns its block and ciphertext size."""
@@ -61,22 +66,56 @@ class ChunkIO:
         """The plaintext of a block (``block.length`` bytes; a hole is empty)."""
         if block.chunk_id is None or block.h is None:
             return b""
-        cached = self._plain.get(block.chunk_id)
-        if cached is not None:
-            self._plain.move_to_end(block.chunk_id)
-            return cached
+        while True:
+            cached = self._plain.get(block.chunk_id)
+            if cached is not None:
+                self._plain.move_to_end(block.chunk_id)
+                return cached
+            pending = self._inflight.get(block.chunk_id)
+            if pending is None:
+                break
+            await pending.wait()  # a read-ahead is loading it; it may not fit the cache
+            if block.chunk_id not in self._plain:
+                break
+        done = self._inflight[block.chunk_id] = trio.Event()
         try:
-            plain = await trio.to_thread.run_sync(self._load, block, limiter=self._limiter)
+            plain = await self._load_or_fetch(block)
+        finally:
+            del self._inflight[block.chunk_id]
+            done.set()
+        self._remember(block.chunk_id, plain)
+        return plain
+
+    async def _load_or_fetch(self, block: Block) -> bytes:
+        assert block.chunk_id is not None and block.h is not None
+        try:
+            return await trio.to_thread.run_sync(self._load, block, limiter=self._limiter)
         except (ChunkMissing, CorruptChunk) as exc:
             if self.source is None:
                 raise
-            log.warning("%s; fetching it from peers", exc)
+            if isinstance(exc, CorruptChunk):
+                log.warning("%s; fetching a good copy from peers", exc)
             ciphertext = await self.source.fetch(block.chunk_id, block.h)
-            plain = await trio.to_thread.run_sync(
+            return await trio.to_thread.run_sync(
                 self._store_fetched, block, ciphertext, limiter=self._limiter
             )
-        self._remember(block.chunk_id, plain)
-        return plain
+
+    def prefetch(self, blocks: list[Block]) -> None:
+        """Start loading (and, if missing here, fetching) chunks a sequential reader needs next."""
+        if self.nursery is None:
+            return
+        for block in blocks:
+            cid = block.chunk_id
+            if cid is None or cid in self._plain or cid in self._inflight:
+                continue
+            self.nursery.start_soon(self._prefetch_one, block)
+
+    async def _prefetch_one(self, block: Block) -> None:
+        async with self._prefetch_slots:
+            try:
+                await self.read(block)
+            except (ChunkMissing, CorruptChunk) as exc:
+                log.debug("read-ahead of a chunk failed: %s", exc)  # the read itself reports it
 
     def _load(self, block: Block) -> bytes:
         assert block.chunk_id is not None and block.h is not None

@@ -17,7 +17,7 @@ import logging
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -33,6 +33,7 @@ from swarmfs.meta.records import Block, Kind, join
 log = logging.getLogger(__name__)
 
 NAME_MAX = 255
+READ_AHEAD = 8  # chunks prefetched ahead of a sequential reader
 MAX_FILE_SIZE = 1 << 43  # 8 TiB: larger offsets get EFBIG
 READDIR_BATCH = 256
 
@@ -86,6 +87,7 @@ class Handle:
     ino: int
     writable: bool
     append: bool
+    next_offset: int = 0  # where a sequential reader will read next (read-ahead)
 
 
 def chunk_count(size: int) -> int:
@@ -117,6 +119,9 @@ class Filesystem:
         self._unsynced: dict[int, set[bytes]] = {}  # chunks written but not fsynced, per inode
         self.read_only = False
         self.kernel: KernelCache | None = None
+        # inodes a remote change moved off their path: a later commit on them is a
+        # concurrent edit of that path and goes through the merge rules
+        self._displaced: dict[int, bytes] = {}
 
     # -- helpers ----------------------------------------------------------------
     def _row(self, ino: int) -> Row:
@@ -222,6 +227,7 @@ class Filesystem:
             if row is None or not row.hidden:
                 return
             self._drop_staging(ino)
+            self._displaced.pop(ino, None)
             gone = await self.db.write(lambda t: t.forget_hidden(ino))
             await self.chunks.delete(gone)
         except Exception:
@@ -483,7 +489,18 @@ class Filesystem:
         if staging is not None and staging.modified:
             async with self._lock(ino):
                 return await self._read_range(ino, offset, size)
+        if offset == handle.next_offset or offset == 0:
+            self._read_ahead(ino, offset + size)
+        handle.next_offset = offset + size
         return await self._read_range(ino, offset, size)
+
+    def _read_ahead(self, ino: int, offset: int) -> None:
+        row = self.db.reader.by_ino(ino)
+        if row is None or row.bl is None or offset >= row.size:
+            return
+        first = offset // CHUNK_SIZE
+        blocks = self.db.reader.blocks(row.bl, first, first + READ_AHEAD - 1)
+        self.chunks.prefetch([blocks[i] for i in sorted(blocks)])
 
     async def _read_range(self, ino: int, offset: int, size: int) -> bytes:
         row = self._row(ino)
@@ -641,6 +658,29 @@ class Filesystem:
         self._unsynced.setdefault(ino, set()).update(c for c, _ in new_chunks)
         staging.reset(size)
         await self.chunks.delete(gone)
+        if ino in self._displaced:
+            await self._commit_displaced(ino, self._displaced[ino])
+
+    async def _commit_displaced(self, ino: int, path: bytes) -> None:
+        """A file changed remotely while open here was written here too: offer this
+        version to its path as a concurrent edit (the later one wins, the other is
+        kept as a conflict copy; an edit beats a concurrent delete)."""
+        hidden = self._row(ino)
+        node_id = self.db.node_id
+        rec = replace(
+            self.db.reader.record(hidden),
+            path=path,
+            deleted=False,
+            version=hidden.version.bump(node_id),
+            modified_by=node_id,
+        )
+        known = self.known_inodes()
+
+        def txn(t: Txn) -> list[tuple[bytes, bytes, int | None, bool]]:
+            t.apply_remote(rec, known)
+            return t.invalidations
+
+        await self.remote_applied(await self.db.write(txn))
 
     def known_inodes(self) -> set[int]:
         """Inodes the kernel holds references to (lookups or open handles)."""
@@ -650,7 +690,10 @@ class Filesystem:
         """Records from peers were applied: drop what the kernel cached about them."""
         if self.kernel is None:
             return
+        known = self.known_inodes()
         for parent_path, name, old_ino, same_content in changes:
+            if old_ino in known and not same_content:
+                self._displaced[old_ino] = join(parent_path, name)
             parent = self.db.reader.by_path(parent_path)
             parent_ino = self.db.reader.ino_of(parent.rid) if parent is not None else None
             if same_content and old_ino is not None:
