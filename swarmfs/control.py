@@ -50,6 +50,10 @@ class ControlError(UserError):
     """The node answered with an error, answered garbage, or did not answer in time."""
 
 
+class ConnectionLost(ControlError):
+    """The node closed the connection before answering, as a node that exits does."""
+
+
 def _socket_path(target: Path | DataDir) -> Path:
     return target.control_socket if isinstance(target, DataDir) else Path(target)
 
@@ -106,27 +110,28 @@ async def serve(
 
 
 async def _serve_connection(handlers: Mapping[str, Handler], stream: trio.SocketStream) -> None:
-    async with stream:
-        buffer = bytearray()
-        while True:
-            try:
-                data = await stream.receive_some()
-            except trio.BrokenResourceError:
-                return
-            if not data:
-                return
-            buffer += data
-            while (end := buffer.find(b"\n")) >= 0:
-                line = bytes(buffer[:end])
-                del buffer[: end + 1]
-                reply = await _dispatch(handlers, line)
-                try:
-                    await stream.send_all(reply)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return
-            if len(buffer) > MAX_LINE:
-                await stream.send_all(_encode({"error": "request too long"}))
-                return
+    try:
+        async with stream:
+            await _converse(handlers, stream)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the client went away; nothing to answer
+    except Exception:
+        # One bad connection must not take the control socket (and the node) down.
+        log.exception("control connection failed")
+
+
+async def _converse(handlers: Mapping[str, Handler], stream: trio.SocketStream) -> None:
+    """Answer each newline-terminated request, in order, until the client closes."""
+    buffer = bytearray()
+    while data := await stream.receive_some():
+        buffer += data
+        while (end := buffer.find(b"\n")) >= 0:
+            line = bytes(buffer[:end])
+            del buffer[: end + 1]
+            await stream.send_all(await _dispatch(handlers, line))
+        if len(buffer) > MAX_LINE:
+            await stream.send_all(_encode({"error": "request too long"}))
+            return
 
 
 async def _dispatch(handlers: Mapping[str, Handler], line: bytes) -> bytes:
@@ -176,7 +181,7 @@ def request(
     except TimeoutError:
         raise ControlError(f"{node} did not answer within {timeout:g} s") from None
     except OSError as exc:
-        raise ControlError(f"lost {node}: {exc.strerror or exc}") from None
+        raise ConnectionLost(f"lost {node}: {exc.strerror or exc}") from None
     try:
         answer = json.loads(reply)
     except ValueError:
@@ -194,7 +199,7 @@ def _receive_line(sock: socket.socket, deadline: float, node: str) -> bytes:
         sock.settimeout(max(deadline - time.monotonic(), 0.001))
         data = sock.recv(65536)
         if not data:
-            raise ControlError(f"{node} closed the connection without answering")
+            raise ConnectionLost(f"{node} closed the connection without answering")
         reply += data
         if len(reply) > MAX_LINE:
             raise ControlError(f"{node} sent an oversized reply")

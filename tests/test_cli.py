@@ -452,6 +452,19 @@ async def test_control_answers_each_line_in_order(long_data_dir: DataDir) -> Non
             nursery.cancel_scope.cancel()
 
 
+async def test_control_survives_oversized_and_abandoned_requests(long_data_dir: DataDir) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(control.serve, long_data_dir, HANDLERS)
+            flood = b"x" * (control.MAX_LINE + 2)
+            (reply,) = await trio.to_thread.run_sync(_raw_exchange, long_data_dir, flood, 1)
+            assert reply == {"error": "request too long"}
+            # A client that sends half a request and leaves costs nothing either.
+            await trio.to_thread.run_sync(_raw_exchange, long_data_dir, b'{"cmd": ', 0)
+            assert (await call(long_data_dir, {"cmd": "status"}))["running"] is True
+            nursery.cancel_scope.cancel()
+
+
 async def test_control_replaces_a_stale_socket(long_data_dir: DataDir) -> None:
     dirfd = os.open(long_data_dir.path, os.O_PATH | os.O_DIRECTORY)
     try:
