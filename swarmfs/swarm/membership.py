@@ -158,7 +158,11 @@ class _Target:
 
 
 class _HandshakeFailed(Exception):
-    """Internal: why one connection never became a peer."""
+    """Internal: why one connection never became a peer, and how loudly to say so."""
+
+    def __init__(self, reason: str, level: int = logging.WARNING) -> None:
+        super().__init__(reason)
+        self.level = level
 
 
 _RESERVED_TYPES = {"hello", "ping"}
@@ -308,7 +312,7 @@ class Membership:
         try:
             conn = await self._authenticate(tcp, address, dialler_port=port)
         except _HandshakeFailed as exc:
-            log.warning("handshake with %s failed: %s", address, exc)
+            log.log(exc.level, "handshake with %s failed: %s", address, exc)
             return
         finally:
             self._handshaking -= 1
@@ -393,7 +397,7 @@ class Membership:
         try:
             return await self._authenticate(tcp, target.address, target=target)
         except _HandshakeFailed as exc:
-            self._dial_failed(target, f"handshake failed: {exc}", logging.WARNING)
+            self._dial_failed(target, f"handshake failed: {exc}", exc.level)
             return None
 
     def _dial_failed(self, target: _Target, reason: str, level: int) -> None:
@@ -467,7 +471,12 @@ class Membership:
         except trio.BrokenResourceError as exc:
             reason = _tls_failure(exc)
         except PeerUnavailable as exc:
-            reason = _tls_failure(exc.__cause__) if exc.__cause__ else str(exc)
+            if conn is not None and _ssl_error(exc) is None:
+                # An authenticated member hung up, e.g. dropping the duplicate of
+                # a simultaneous dial: nothing is wrong.
+                await conn.aclose()
+                raise _HandshakeFailed(f"closed before its hello: {exc}", logging.INFO) from None
+            reason = _tls_failure(exc)
         except ProtocolError as exc:
             reason = f"protocol error: {exc}"
         else:
@@ -519,7 +528,9 @@ class Membership:
                 del self._connections[conn.peer_id]
                 known = self._known.get(conn.peer_id)
                 if known is not None:
-                    with trio.CancelScope(shield=True):
+                    # Recorded even while shutting down, but never holding shutdown up.
+                    with trio.move_on_after(2) as scope:
+                        scope.shield = True
                         await self._save(KnownPeer(conn.peer_id, known.address, time.time()))
                 self._wake_dialler.set()
             self._notify()
@@ -618,11 +629,17 @@ def _checked_address(text: str, what: str, *, allow_port_zero: bool = False) -> 
         raise UserError(f"{what}: {exc}") from None
 
 
-def _tls_failure(exc: BaseException | None) -> str:
-    """A one-line reason for a failed handshake, naming the likely cause."""
-    inner = exc
+def _ssl_error(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind a trio stream error, if there is one."""
+    inner: BaseException | None = exc
     while inner is not None and not isinstance(inner, ssl.SSLError):
         inner = inner.__cause__ or inner.__context__
+    return inner
+
+
+def _tls_failure(exc: BaseException) -> str:
+    """A one-line reason for a failed handshake, naming the likely cause."""
+    inner = _ssl_error(exc)
     if isinstance(inner, ssl.SSLCertVerificationError):
         why = inner.verify_message
         return f"its certificate is not from this swarm (a different swarm key?): {why}"
