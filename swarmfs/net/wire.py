@@ -99,7 +99,8 @@ class FrameDecoder:
             end = HEADER_SIZE + length
             if len(self._buf) < end:
                 return
-            body = bytes(self._buf[HEADER_SIZE:end])
+            with memoryview(self._buf) as view:  # one copy, not two
+                body = bytes(view[HEADER_SIZE:end])
             del self._buf[:end]
             yield body
 
