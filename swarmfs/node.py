@@ -24,6 +24,7 @@ from swarmfs.fs.namespace import Filesystem
 from swarmfs.fuse import mount
 from swarmfs.fuse.invalidator import Invalidator
 from swarmfs.fuse.operations import Operations
+from swarmfs.gc import GarbageCollector
 from swarmfs.meta.db import Database
 from swarmfs.meta.sync import IndexSync
 from swarmfs.net.peer import PeerConnection
@@ -84,6 +85,7 @@ class Node:
         self.chunk_service = ChunkService(self.db, self.store, config.cache_size)
         self.replicator = Replicator(self.db, self.store, self.membership, config.replicas)
         self.chunks.source = Fetcher(self.db, self.membership)
+        self.gc = GarbageCollector(self.db, self.store, config.cache_size, config.trash_retention)
         for msg_type, handler in (
             ("index_since", self.sync.on_index_since),
             ("announce", self.sync.on_announce),
@@ -120,7 +122,13 @@ class Node:
         return self.status()
 
     async def _handle_shutdown(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Commit open files, wait (bounded) for new chunks to reach a connected peer, stop."""
         await self.fs.commit_all()
+        wait = request.get("wait", 10.0)
+        if isinstance(wait, int | float) and wait > 0:
+            with trio.move_on_after(wait):
+                while self.db.reader.unreplicated() and self.membership.connected_peers():
+                    await self.db.wait_write()
         self._shutdown.set()
         return {"ok": True, "backlog": self.status()["backlog"]}
 
@@ -153,6 +161,7 @@ class Node:
                 await nursery.start(self.membership.run)
                 await nursery.start(self.sync.run)
                 await nursery.start(self.replicator.run)
+                await nursery.start(self.gc.run)
                 if self.mountpoint is not None:
                     mount.clear_dead_mount(self.mountpoint)
                     options = mount.fuse_options(self.data_dir.path, self.config.fuse_options)

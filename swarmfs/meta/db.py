@@ -287,6 +287,14 @@ class Queries:
         r = self.conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM push_queue").fetchone()
         return r[0], r[1]
 
+    def unreplicated(self) -> int:
+        """Queued chunks that no peer holds yet (what ``umount`` waits for)."""
+        r = self.conn.execute(
+            "SELECT COUNT(*) FROM push_queue WHERE NOT EXISTS"
+            " (SELECT 1 FROM holders WHERE holders.chunk_id=push_queue.chunk_id)"
+        ).fetchone()
+        return r[0]
+
     def holders(self, chunk_id: bytes) -> set[str]:
         rows = self.conn.execute("SELECT node_id FROM holders WHERE chunk_id=?", (chunk_id,))
         return {r[0] for r in rows}
@@ -789,6 +797,32 @@ class Txn(Queries):
             gone += self.drop_blocklist_if_unused(bl)
         return gone
 
+    def reclaim(self, grace_before: float, cache_limit: int) -> list[bytes]:
+        """Chunks to delete: unreferenced past the grace period, then cached ones LRU
+        while the cache is over its limit. Referenced = in any block list (live
+        records, the trash, detached inodes still open)."""
+        unreferenced = [
+            bytes(c)
+            for (c,) in self.conn.execute(
+                "SELECT chunk_id FROM chunks WHERE last_used<? AND NOT EXISTS"
+                " (SELECT 1 FROM blocks WHERE blocks.chunk_id=chunks.chunk_id)",
+                (grace_before,),
+            )
+        ]
+        gone = self.drop_unreferenced(unreferenced)
+        _, cached = self.chunk_bytes()
+        evict: list[bytes] = []
+        if cached > cache_limit:
+            for c, size in self.conn.execute(
+                "SELECT chunk_id, size FROM chunks WHERE pinned=0 ORDER BY last_used"
+            ).fetchall():
+                if cached <= cache_limit:
+                    break
+                evict.append(bytes(c))
+                cached -= size
+            self.conn.executemany("DELETE FROM chunks WHERE chunk_id=?", [(c,) for c in evict])
+        return gone + evict
+
     def drop_hidden(self) -> list[bytes]:
         """At start-up no inode is open: remove every detached copy."""
         gone: list[bytes] = []
@@ -852,6 +886,10 @@ class Database:
         finally:
             changed, self._changed = self._changed, trio.Event()
             changed.set()
+
+    async def wait_write(self) -> None:
+        """Return after the next write transaction (committed or not)."""
+        await self._changed.wait()
 
     async def wait_changed(self, seen_sequence: int) -> None:
         """Return once a change after ``seen_sequence`` is committed."""
