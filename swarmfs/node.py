@@ -65,6 +65,7 @@ class Node:
         self.node_id = identity.node_id
         swarm_key = data_dir.swarm_key()
         self.db = Database(data_dir.db_file, self.node_id)
+        self.db.push_new_chunks = config.replicas is None or config.replicas > 1
         self.store = ChunkStore(data_dir.chunks_dir)
         _clean_start(self.db, self.store, data_dir.staging_dir)
         self.chunks = ChunkIO(self.store, derive_key(swarm_key, "content"))

@@ -359,9 +359,10 @@ class Queries:
 class Txn(Queries):
     """Write operations, valid inside one ``Database.write`` transaction."""
 
-    def __init__(self, conn: sqlite3.Connection, node_id: str) -> None:
+    def __init__(self, conn: sqlite3.Connection, node_id: str, push: bool = True) -> None:
         super().__init__(conn)
         self.node_id = node_id
+        self.push_new_chunks = push  # False with --replicas 1: nothing is ever pushed
         self.changed_rids: list[int] = []
         self.invalidations: list[tuple[bytes, bytes, int | None, bool]] = []
 
@@ -499,10 +500,11 @@ class Txn(Queries):
             "INSERT OR IGNORE INTO chunks(chunk_id, size, pinned, last_used) VALUES (?,?,1,?)",
             [(c, n, t) for c, n in new_chunks],
         )
-        self.conn.executemany(
-            "INSERT OR IGNORE INTO push_queue(chunk_id, size, added) VALUES (?,?,?)",
-            [(c, n, t) for c, n in new_chunks],
-        )
+        if self.push_new_chunks:
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO push_queue(chunk_id, size, added) VALUES (?,?,?)",
+                [(c, n, t) for c, n in new_chunks],
+            )
         cols: dict[str, object] = dict(size=size, mtime_ns=mtime_ns, ctime_ns=now)
         if not row.hidden:
             cols.update(
@@ -839,6 +841,7 @@ class Database:
     def __init__(self, path: Path, node_id: str) -> None:
         self.path = path
         self.node_id = node_id
+        self.push_new_chunks = True
         self._writer = _connect(path)
         self._writer.executescript(SCHEMA)
         self._lock = threading.Lock()
@@ -869,7 +872,7 @@ class Database:
     def write_sync(self, fn: Callable[[Txn], T]) -> T:
         """Run ``fn`` in one transaction on the calling thread (start-up, tools, the writer)."""
         with self._lock:
-            txn = Txn(self._writer, self.node_id)
+            txn = Txn(self._writer, self.node_id, self.push_new_chunks)
             self._writer.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(txn)
