@@ -564,7 +564,9 @@ class Filesystem:
                     staging.mark_pending(index, block, csize)
                     staging.modified = True
                 elif await staging.write(index, within, piece):
-                    block, csize = await self.chunks.seal_and_store(staging.complete_data(index))
+                    block, csize = await self.chunks.seal_and_store(
+                        await staging.complete_data(index)
+                    )
                     staging.mark_pending(index, block, csize)
                 pos += n
             staging.size = max(staging.size, offset + len(data))

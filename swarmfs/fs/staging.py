@@ -87,23 +87,21 @@ class Staging:
         for other_index, other in self.dirty.items():
             if other is not chunk and other.buf is not None:
                 buf = other.buf
+                spilled: list[Interval] = []  # ranges may share a 4 KiB staging block
                 for a, b in other.intervals:
                     await trio.to_thread.run_sync(
-                        self._file_write, other_index, a, bytes(buf[a:b]), []
+                        self._file_write, other_index, a, bytes(buf[a:b]), spilled
                     )
+                    spilled = add_interval(spilled, a, b)
                 other.buf = None
                 chunk.buf = buf
                 return
         chunk.buf = bytearray(CHUNK_SIZE)
 
-    def complete_data(self, index: int) -> bytes:
-        """The full content of a complete in-memory chunk (for sealing)."""
+    async def complete_data(self, index: int) -> bytes:
+        """The full content of a complete dirty chunk (for sealing), wherever it is staged."""
         chunk = self.dirty[index]
-        assert chunk.complete and chunk.buf is not None
-        return bytes(chunk.buf)
-
-    async def complete_data_any(self, index: int) -> bytes:
-        chunk = self.dirty[index]
+        assert chunk.complete
         if chunk.buf is not None:
             return bytes(chunk.buf)
         return await trio.to_thread.run_sync(self._file_read, index, 0, CHUNK_SIZE)
