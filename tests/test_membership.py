@@ -176,6 +176,7 @@ async def test_bootstrap_chain_becomes_a_full_mesh(tmp_path: Path, logs: LogWatc
             b = await s.start(bootstrap=[a.address])
             c = await s.start(bootstrap=[b.address])
             await mesh(a, b, c)
+            await c.membership.wait_connected(2)
 
             # Status: every peer listed with its listen address, connected, with an RTT.
             for conn in c.membership.connected_peers():

@@ -13,7 +13,10 @@
   hostile sockets cannot pile up.
 - Exactly one connection per pair of nodes: when two exist (simultaneous
   dials, a second address), both ends keep the one dialled by the smaller node
-  id (then the smaller dialling port), so they agree without talking.
+  id (then the smaller dialling port), so they agree without talking. To
+  avoid the duplicate in the first place, of two nodes that learn of each
+  other from a third, the smaller id dials at once and the larger waits
+  ``pex_grace`` (the ids in a ``hello``'s peer list are hints, checked by TLS).
 - A lost peer is redialled with exponential backoff and jitter.
 
 Logging: a failed inbound handshake is one warning line per connection; a
