@@ -158,7 +158,7 @@ class Node:
                 )
                 if self.handle_signals:
                     nursery.start_soon(self._watch_signals)
-                self.chunks.nursery = nursery
+                self.chunks.nursery = self.fs.nursery = nursery
                 await nursery.start(self.membership.run)
                 await nursery.start(self.sync.run)
                 await nursery.start(self.replicator.run)

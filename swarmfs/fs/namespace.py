@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 NAME_MAX = 255
 READ_AHEAD = 8  # chunks prefetched ahead of a sequential reader
+SEAL_AHEAD = 4  # full chunks being hashed and encrypted behind the writers, node-wide
 MAX_FILE_SIZE = 1 << 43  # 8 TiB: larger offsets get EFBIG
 READDIR_BATCH = 256
 
@@ -119,6 +120,8 @@ class Filesystem:
         self._unsynced: dict[int, set[bytes]] = {}  # chunks written but not fsynced, per inode
         self.read_only = False
         self.kernel: KernelCache | None = None
+        self.nursery: trio.Nursery | None = None  # background sealing; set by the node
+        self._seal_slots = trio.Semaphore(SEAL_AHEAD)
         # inodes a remote change moved off their path: a later commit on them is a
         # concurrent edit of that path and goes through the merge rules
         self._displaced: dict[int, bytes] = {}
@@ -527,7 +530,9 @@ class Filesystem:
         self, ino: int, index: int, block: Block | None, length: int, staging: Staging | None
     ) -> bytes:
         """Logical content of chunk ``index``, ``length`` bytes, staged writes included."""
-        if staging is not None and index in staging.pending:
+        if staging is not None and index in staging.sealing:
+            base = staging.sealing[index]
+        elif staging is not None and index in staging.pending:
             base = await self.chunks.read(staging.pending[index])
         elif block is not None:
             base = await self.chunks.read(block)
@@ -560,24 +565,49 @@ class Filesystem:
                 n = min(CHUNK_SIZE - within, len(data) - pos)
                 piece = data[pos : pos + n]
                 if n == CHUNK_SIZE and index not in staging.dirty:
-                    block, csize = await self.chunks.seal_and_store(piece)
-                    staging.mark_pending(index, block, csize)
-                    staging.modified = True
+                    await self._seal_in_background(staging, index, piece)
                 elif await staging.write(index, within, piece):
-                    block, csize = await self.chunks.seal_and_store(
-                        await staging.complete_data(index)
-                    )
-                    staging.mark_pending(index, block, csize)
+                    full = await staging.complete_data(index)
+                    del staging.dirty[index]
+                    await self._seal_in_background(staging, index, full)
                 pos += n
             staging.size = max(staging.size, offset + len(data))
             staging.mtime_ns = now_ns()
         return len(data)
 
+    async def _seal_in_background(self, staging: Staging, index: int, data: bytes) -> None:
+        """Hand a full chunk to a worker and return, so the writer's next chunk arrives
+        while this one is hashed and encrypted; at most SEAL_AHEAD chunks node-wide."""
+        staging.sealing[index] = data
+        staging.modified = True
+        if self.nursery is None:
+            staging.inflight.add(index)
+            staging.seal_finished(index, data, await self.chunks.seal_and_store(data))
+            return
+        await self._seal_slots.acquire()
+        staging.inflight.add(index)
+        self.nursery.start_soon(self._seal_task, staging, index, data)
+
+    async def _seal_task(self, staging: Staging, index: int, data: bytes) -> None:
+        result = None
+        try:
+            result = await self.chunks.seal_and_store(data)
+        except OSError as exc:
+            log.info("storing a written chunk failed (%s); retried at commit", exc)
+        except Exception:
+            log.exception("storing a written chunk failed; retried at commit")
+        finally:
+            self._seal_slots.release()
+            staging.seal_finished(index, data, result)
+
     async def _truncate(self, ino: int, row: Row, size: int) -> None:
         """Stage a truncate (lock held); a stored chunk cut in the middle becomes staged data."""
         staging = self._staging_for(ino, row)
         index, within = divmod(size, CHUNK_SIZE)
-        if within and index in staging.pending and index not in staging.dirty:
+        await staging.wait_inflight()
+        if within and index in staging.sealing and index not in staging.dirty:
+            await staging.write(index, 0, staging.sealing.pop(index)[:within])
+        elif within and index in staging.pending and index not in staging.dirty:
             data = await self.chunks.read(staging.pending.pop(index))
             await staging.write(index, 0, data[:within])
         staging.truncate(size)
@@ -624,6 +654,10 @@ class Filesystem:
         staging = self._staging.get(ino)
         if staging is None or not staging.modified:
             return
+        await staging.wait_inflight()
+        for index, data in sorted(staging.sealing.items()):  # those whose background seal failed
+            staging.inflight.add(index)
+            staging.seal_finished(index, data, await self.chunks.seal_and_store(data))
         row = self._row(ino)
         size = staging.size
         changed: dict[int, Block] = dict(staging.pending)

@@ -62,6 +62,9 @@ class Staging:
         self.size = size
         self.trunc_floor = size  # committed content at or after this offset is gone
         self.pending: dict[int, Block] = {}
+        self.sealing: dict[int, bytes] = {}  # full chunks written, not stored yet
+        self.inflight: set[int] = set()  # of those, the ones a background task is sealing
+        self._sealed = trio.Event()
         self.new_chunks: list[tuple[bytes, int]] = []  # (id, ciphertext size) stored, uncommitted
         self.dirty: dict[int, DirtyChunk] = {}
         self.modified = False  # anything to commit
@@ -106,12 +109,22 @@ class Staging:
             return bytes(chunk.buf)
         return await trio.to_thread.run_sync(self._file_read, index, 0, CHUNK_SIZE)
 
-    def mark_pending(self, index: int, block: Block, ciphertext_size: int) -> None:
-        """A complete chunk was stored: it replaces the staged ranges."""
-        self.dirty.pop(index, None)
-        self.pending[index] = block
-        assert block.chunk_id is not None
-        self.new_chunks.append((block.chunk_id, ciphertext_size))
+    def seal_finished(self, index: int, data: bytes, result: tuple[Block, int] | None) -> None:
+        """A background seal ended; ``result`` None means it failed and is retried at commit."""
+        self.inflight.discard(index)
+        if result is not None:
+            block, csize = result
+            assert block.chunk_id is not None
+            self.new_chunks.append((block.chunk_id, csize))  # unreferenced ones: GC reclaims
+            if self.sealing.get(index) is data:  # not superseded meanwhile
+                del self.sealing[index]
+                self.pending[index] = block
+        event, self._sealed = self._sealed, trio.Event()
+        event.set()
+
+    async def wait_inflight(self) -> None:
+        while self.inflight:
+            await self._sealed.wait()
 
     def truncate(self, size: int) -> None:
         """Cut everything at or past ``size`` (the caller converts a cut pending chunk first)."""
@@ -120,6 +133,8 @@ class Staging:
             del self.dirty[i]
         for i in [i for i in self.pending if i * CHUNK_SIZE >= size]:
             del self.pending[i]
+        for i in [i for i in self.sealing if i * CHUNK_SIZE >= size]:
+            del self.sealing[i]
         if cut_index in self.dirty:
             chunk = self.dirty[cut_index]
             chunk.intervals = clip_intervals(chunk.intervals, size - cut_index * CHUNK_SIZE)
@@ -149,6 +164,7 @@ class Staging:
         """After a commit: nothing is staged and the committed version is the base."""
         self.size = self.trunc_floor = size
         self.pending.clear()
+        self.sealing.clear()
         self.new_chunks.clear()
         self.dirty.clear()
         self.modified = False
