@@ -54,7 +54,10 @@ log = logging.getLogger(__name__)
 
 FSTYPE = "fuse.swarmfs"
 FSNAME_PREFIX = "swarmfs:"
-EXIT_NOT_IMPLEMENTED = 2
+EXIT_FSCK_FAILED = 2
+"""``fsck`` could not run (1 means it ran and found damage)."""
+FSCK_TIMEOUT = 24 * 3600.0
+"""Seconds a running node may take to check every chunk before ``fsck`` gives up."""
 START_TIMEOUT = 60.0
 """Seconds a launcher waits for its node to mount, bind and answer before giving up."""
 STATUS_TIMEOUT = 5.0
@@ -142,16 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--json", action="store_true", help="print one JSON object")
     sub.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
 
-    add("invite", not_implemented, "print a join token for this swarm")
-    sub = add("join", not_implemented, "store a join token's key and peers in the data dir")
+    add("invite", cmd_invite, "print a join token for this swarm")
+    sub = add("join", cmd_join, "store a join token's key and peers in the data dir")
     sub.add_argument("token", metavar="TOKEN")
-    sub = add("fsck", not_implemented, "verify every chunk and record")
+    sub = add("fsck", cmd_fsck, "verify every chunk and record")
     sub.add_argument("--repair", action="store_true", help="repair what can be repaired")
-    sub = add("trash", not_implemented, "list or restore deleted files")
+    sub = add("trash", cmd_trash, "list or restore deleted files")
     # A positional, not nested subparsers: those would reset --data-dir given before them.
     sub.add_argument("action", choices=("list", "restore"))
     sub.add_argument("path", nargs="?", help="for restore: a/b, /a/b or MOUNTPOINT/a/b")
-    sub = add("demo", not_implemented, "run a 3-node swarm on loopback")
+    sub = add("demo", cmd_demo, "run a 3-node swarm on loopback")
     sub.add_argument("--exit", action="store_true", help="tear the swarm down at the end")
     return parser
 
@@ -164,11 +167,6 @@ def _seconds(text: str) -> float:
     if not seconds >= 0:  # also refuses nan
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}")
     return seconds
-
-
-def not_implemented(args: argparse.Namespace) -> int:
-    print(f"swarmfs: {args.command} is not implemented yet", file=sys.stderr)
-    return EXIT_NOT_IMPLEMENTED
 
 
 def _data_dir(args: argparse.Namespace) -> DataDir:
@@ -609,3 +607,116 @@ def human_bytes(count: int) -> str:
         size /= 1024
         index += 1
     return f"{count} B" if index == 0 else f"{size:.1f} {units[index]}"
+
+
+# --- invite and join ---
+
+
+def cmd_invite(args: argparse.Namespace) -> int:
+    from swarmfs.invite import invite_token
+
+    print(invite_token(_data_dir(args)))
+    print(
+        "swarmfs: keep this token secret: it holds the swarm key, so whoever has it"
+        " can read and change every file in the swarm",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    from swarmfs.invite import join
+
+    data_dir = _data_dir(args)
+    addresses = join(data_dir, args.token)
+    print(f"{data_dir.path}: joined the swarm; bootstrap {', '.join(map(str, addresses))}")
+    if data_dir.lock_holder() is not None:
+        print("swarmfs: the node running there uses them once restarted", file=sys.stderr)
+    else:
+        where = f" --data-dir {data_dir.path}" if args.data_dir else ""
+        print(f"next: swarmfs mount MOUNTPOINT{where}")
+    return 0
+
+
+# --- fsck ---
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    from swarmfs import fsck
+
+    data_dir = _data_dir(args)
+    try:
+        try:
+            request = {"cmd": "fsck", "repair": args.repair}
+            report = fsck.Report.from_json(control.request(data_dir, request, FSCK_TIMEOUT))
+        except control.NodeNotRunning:
+            report = fsck.check_offline(data_dir, args.repair)
+    except UserError as exc:
+        print(f"swarmfs: fsck could not run: {exc}", file=sys.stderr)
+        return EXIT_FSCK_FAILED
+    for line in report.problems:
+        print(line)
+    if report.omitted:
+        print(f"... and {report.omitted} more problems")
+    print(report.summary(args.repair))
+    return 1 if report.damaged else 0
+
+
+# --- trash ---
+
+
+def cmd_trash(args: argparse.Namespace) -> int:
+    from swarmfs import trash
+
+    data_dir = _data_dir(args)
+    try:
+        status: dict[str, Any] | None = control.request(data_dir, {"cmd": "status"}, STATUS_TIMEOUT)
+    except control.NodeNotRunning:
+        status = None
+    if args.action == "list":
+        if args.path is not None:
+            raise UserError("trash list takes no PATH")
+        if status is None:
+            entries = [e.as_json() for e in trash.list_offline(data_dir)]
+        else:
+            entries = control.request(data_dir, {"cmd": "trash_list"}, STATUS_TIMEOUT)["entries"]
+        _print_trash(entries, load_config(data_dir.path).trash_retention)
+        return 0
+    if args.path is None:
+        raise UserError("trash restore needs the PATH of a deleted file (see: swarmfs trash list)")
+    mountpoint = status.get("mountpoint") if status is not None else None
+    path = trash.swarm_path(args.path, Path(mountpoint) if mountpoint else None)
+    shown = trash.display_path(path)
+    if status is None:
+        trash.restore_offline(data_dir, path)
+        print(f"restored {shown} (the node is not running: peers get it when it next runs)")
+        return 0
+    request = {"cmd": "trash_restore", "path": os.fsdecode(path)}
+    reply = control.request(data_dir, request, STATUS_TIMEOUT)
+    if "user_error" in reply:
+        raise UserError(reply["user_error"])
+    print(f"restored {shown}")
+    return 0
+
+
+def _print_trash(entries: list[dict[str, Any]], retention: int) -> None:
+    if not entries:
+        print("the trash is empty")
+        return
+    print(f"{'DELETED':19}  {'BY':12}  {'SIZE':>10}  PATH")
+    for entry in entries:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["deleted_at"]))
+        size = human_bytes(entry["size"])
+        print(f"{when:19}  {entry['deleted_by'][:12]:12}  {size:>10}  {entry['path']}")
+    kept = f"kept for {_ago(retention)} after deletion" if retention else "trash is off"
+    noun = "file" if len(entries) == 1 else "files"
+    print(f"{len(entries)} deleted {noun}; {kept}", file=sys.stderr)
+
+
+# --- demo ---
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from swarmfs.demo import run_demo
+
+    return run_demo(args.exit)

@@ -133,6 +133,33 @@ class Node:
         self._shutdown.set()
         return {"ok": True, "backlog": self.status()["backlog"]}
 
+    async def _handle_trash_list(self, request: dict[str, Any]) -> dict[str, Any]:
+        from swarmfs import trash
+
+        return {"entries": [e.as_json() for e in trash.entries(self.db.reader)]}
+
+    async def _handle_trash_restore(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A user error comes back as ``user_error``: it is no failure of the node's."""
+        from swarmfs import trash
+        from swarmfs.errors import UserError
+
+        try:
+            changes = await self.db.write(trash.restore_fn(os.fsencode(request["path"])))
+        except UserError as exc:
+            return {"user_error": str(exc)}
+        await self.fs.remote_applied(changes)
+        return {"restored": request["path"]}
+
+    async def _handle_fsck(self, request: dict[str, Any]) -> dict[str, Any]:
+        from swarmfs import fsck
+
+        key = derive_key(self.data_dir.swarm_key(), "content")
+        repair = bool(request.get("repair"))
+        report = await trio.to_thread.run_sync(
+            lambda: fsck.check(self.db, self.store, key, repair, online=True)
+        )
+        return report.as_json()
+
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
@@ -154,7 +181,13 @@ class Node:
                 await nursery.start(
                     control.serve,
                     self.data_dir,
-                    {"status": self._handle_status, "shutdown": self._handle_shutdown},
+                    {
+                        "status": self._handle_status,
+                        "shutdown": self._handle_shutdown,
+                        "trash_list": self._handle_trash_list,
+                        "trash_restore": self._handle_trash_restore,
+                        "fsck": self._handle_fsck,
+                    },
                 )
                 if self.handle_signals:
                     nursery.start_soon(self._watch_signals)

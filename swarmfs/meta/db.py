@@ -63,6 +63,7 @@ CREATE TABLE IF NOT EXISTS records (
 );
 CREATE INDEX IF NOT EXISTS records_children ON records(parent, deleted, rid);
 CREATE INDEX IF NOT EXISTS records_sequence ON records(sequence);
+CREATE INDEX IF NOT EXISTS records_kinds ON records(parent, kind, deleted);  -- nlink of dirs
 CREATE TABLE IF NOT EXISTS blocklists (
     bl INTEGER PRIMARY KEY AUTOINCREMENT
 );
@@ -107,6 +108,7 @@ CREATE TABLE IF NOT EXISTS push_queue (
     size     INTEGER NOT NULL,
     added    REAL NOT NULL
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS push_queue_added ON push_queue(added);
 CREATE TABLE IF NOT EXISTS holders (
     chunk_id BLOB NOT NULL,            -- peers known to hold a chunk (acknowledged pushes)
     node_id  TEXT NOT NULL,
@@ -354,6 +356,67 @@ class Queries:
             "SELECT sequence FROM peer_index WHERE node_id=? AND index_id=?", (node_id, index_id)
         ).fetchone()
         return 0 if r is None else r[0]
+
+    # --- trash and integrity checks (swarmfs/trash.py, swarmfs/fsck.py) ---
+
+    def newest_trash_entry(self, path: bytes) -> int | None:
+        """The tid of the most recent deletion of ``path`` still in the trash."""
+        r = self.conn.execute(
+            "SELECT tid FROM trash WHERE path=? ORDER BY deleted_at DESC, tid DESC LIMIT 1",
+            (path,),
+        ).fetchone()
+        return None if r is None else r[0]
+
+    def check_records(self) -> list[tuple]:
+        """Raw (rid, path, parent, name, kind, deleted, hidden, bl, version) of every record,
+        untyped, so a damaged row is reported rather than raising."""
+        return self.conn.execute(
+            "SELECT rid, path, parent, name, kind, deleted, hidden, bl, version FROM records"
+        ).fetchall()
+
+    def check_inventory(self) -> dict[bytes, int]:
+        """chunk id → ciphertext size, as the inventory says."""
+        return {bytes(c): n for c, n in self.conn.execute("SELECT chunk_id, size FROM chunks")}
+
+    def chunk_hashes(self, chunk_id: bytes) -> set[bytes | None]:
+        """The plaintext hashes block rows give for one chunk (more than one is damage)."""
+        rows = self.conn.execute("SELECT DISTINCT h FROM blocks WHERE chunk_id=?", (chunk_id,))
+        return {None if h is None else bytes(h) for (h,) in rows}
+
+    def check_blocks(self, chunk_size: int) -> list[tuple[str, object]]:
+        """Block-list damage: (kind of problem, subject) pairs."""
+        problems: list[tuple[str, object]] = []
+        for bl, n in self.conn.execute(
+            "SELECT bl, COUNT(*) FROM blocks WHERE bl NOT IN (SELECT bl FROM blocklists)"
+            " GROUP BY bl"
+        ):
+            problems.append(("blocks of a missing block list", (bl, n)))
+        for bl, n in self.conn.execute(
+            "SELECT bl, COUNT(*) FROM blocks WHERE bl NOT IN (SELECT bl FROM records"
+            " WHERE bl IS NOT NULL) AND bl NOT IN (SELECT bl FROM trash) GROUP BY bl"
+        ):
+            problems.append(("unused block list", (bl, n)))
+        for path, idx in self.conn.execute(
+            "SELECT r.path, b.idx FROM records r JOIN blocks b ON b.bl=r.bl"
+            " WHERE r.kind='file' AND (b.idx * ?) >= r.size",
+            (chunk_size,),
+        ):
+            problems.append(("block past the end of the file", (bytes(path), idx)))
+        for path, idx in self.conn.execute(
+            "SELECT r.path, b.idx FROM records r JOIN blocks b ON b.bl=r.bl"
+            " WHERE b.length<0 OR b.length>? OR (b.chunk_id IS NULL) != (b.h IS NULL)",
+            (chunk_size,),
+        ):
+            problems.append(("malformed block", (bytes(path), idx)))
+        for tid, path in self.conn.execute(
+            "SELECT tid, path FROM trash WHERE bl NOT IN (SELECT bl FROM blocklists)"
+        ):
+            problems.append(("trash entry without its block list", (tid, bytes(path))))
+        for (ino,) in self.conn.execute(
+            "SELECT ino FROM inodes WHERE rid NOT IN (SELECT rid FROM records)"
+        ):
+            problems.append(("inode of a missing record", ino))
+        return problems
 
 
 class Txn(Queries):
@@ -833,6 +896,62 @@ class Txn(Queries):
             self.conn.execute("DELETE FROM records WHERE rid=?", (rid,))
             gone += self.drop_blocklist_if_unused(bl)
         return gone
+
+    # --- trash restore and fsck repairs (swarmfs/trash.py, swarmfs/fsck.py) ---
+
+    def restore_trash(self, tid: int, now: int) -> int:
+        """Bring trash entry ``tid`` back as a live file at its path; returns the rid.
+
+        A local change like any write: the version is bumped over the tombstone
+        (so it replicates to every node and beats the delete), missing parent
+        directories are created, the kernel caches are invalidated through
+        ``self.invalidations``, and the entry leaves this node's trash. The
+        caller checks first that the path is free and its parents are not files.
+        """
+        path, mode, size, mtime_ns, bl = self.conn.execute(
+            "SELECT path, mode, size, mtime_ns, bl FROM trash WHERE tid=?", (tid,)
+        ).fetchone()
+        path = bytes(path)
+        old = self.by_path(path)
+        assert old is None or old.deleted, "restore over a live record"
+        uid, gid = (old.uid, old.gid) if old is not None else (os.getuid(), os.getgid())
+        version = (old.version if old is not None else VersionVector()).bump(self.node_id)
+        parents = Record(path, Kind.FILE, mode, uid, gid, size, mtime_ns, version, self.node_id)
+        if not self._ensure_parents(parents, now):
+            raise ValueError(f"{path!r} lies under a non-directory")
+        values = dict(
+            kind=Kind.FILE.value, mode=mode, uid=uid, gid=gid, size=size, mtime_ns=mtime_ns,
+            ctime_ns=now, atime_ns=now, target=b"", version=_vv(version),
+            modified_by=self.node_id, deleted=0, sequence=self.next_sequence(), bl=bl, hidden=0,
+        )  # fmt: skip
+        if old is not None:
+            rid = old.rid
+            self._set(rid, **values)
+        else:
+            rid = self.conn.execute(
+                "INSERT INTO records(path, parent, name, kind, mode, uid, gid, size, mtime_ns,"
+                " ctime_ns, atime_ns, target, version, modified_by, deleted, sequence, bl, hidden)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (path, parent_of(path), path.rsplit(b"/", 1)[-1], *values.values()),
+            ).lastrowid  # type: ignore[assignment]
+        self.conn.execute("DELETE FROM trash WHERE tid=?", (tid,))
+        self.new_inode(rid)
+        self.touch_dir(parent_of(path), now)
+        self.changed_rids.append(rid)
+        self.invalidations.append((parent_of(path), path.rsplit(b"/", 1)[-1], None, False))
+        return rid
+
+    def fix_inventory(self, drop: Iterable[bytes], put: Iterable[tuple[bytes, int]]) -> None:
+        """fsck --repair: forget chunks no longer on disk (nor to be pushed from here), and
+        record ``(id, size)`` of chunks on disk, pinned (they may be the only copy)."""
+        gone = [(c,) for c in drop]
+        for table in ("chunks", "push_queue"):
+            self.conn.executemany(f"DELETE FROM {table} WHERE chunk_id=?", gone)
+        self.conn.executemany(
+            "INSERT INTO chunks(chunk_id, size, pinned, last_used) VALUES (?,?,1,?)"
+            " ON CONFLICT(chunk_id) DO UPDATE SET size=excluded.size",
+            [(c, n, time.time()) for c, n in put],
+        )
 
 
 class Database:
