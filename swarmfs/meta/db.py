@@ -64,6 +64,7 @@ CREATE TABLE IF NOT EXISTS records (
 CREATE INDEX IF NOT EXISTS records_children ON records(parent, deleted, rid);
 CREATE INDEX IF NOT EXISTS records_sequence ON records(sequence);
 CREATE INDEX IF NOT EXISTS records_kinds ON records(parent, kind, deleted);  -- nlink of dirs
+CREATE INDEX IF NOT EXISTS records_bl ON records(bl) WHERE bl IS NOT NULL;
 CREATE TABLE IF NOT EXISTS blocklists (
     bl INTEGER PRIMARY KEY AUTOINCREMENT
 );

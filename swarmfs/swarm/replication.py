@@ -108,20 +108,22 @@ class Replicator:
         if self.replicas is not None and self.replicas <= 1:
             return  # nothing is pushed; fetch on read still works
         while True:
+            peers = {c.peer_id: c for c in self.peers.connected_peers()}
+            if not peers:  # nothing to do until someone connects
+                await self._peer_change.wait()
+                continue
             seq = self.db.reader.sequence()
             now = trio.current_time()
             batch = [
                 (c, n) for c, n in self.db.reader.push_batch(256)
                 if self._retry_at.get(c, 0) <= now
             ]  # fmt: skip
-            peers = {c.peer_id: c for c in self.peers.connected_peers()}
-            if not batch or not peers:
+            if not batch:
                 with trio.move_on_after(self._next_retry(now)):
                     async with trio.open_nursery() as waits:
-                        waits.start_soon(self._wait_then_cancel, self.db.wait_changed, seq, waits)
-                        waits.start_soon(
-                            self._wait_then_cancel, self._peer_change.wait, None, waits
-                        )
+                        wake = self._wait_then_cancel
+                        waits.start_soon(wake, self.db.wait_changed, seq, waits)
+                        waits.start_soon(wake, self._peer_change.wait, None, waits)
                 continue
             limiter = trio.Semaphore(PUSH_WINDOW)
             async with trio.open_nursery() as nursery:
