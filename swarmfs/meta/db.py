@@ -118,7 +118,7 @@ CREATE TABLE IF NOT EXISTS holders (
 CREATE TABLE IF NOT EXISTS chunks (
     chunk_id  BLOB PRIMARY KEY,
     size      INTEGER NOT NULL,        -- ciphertext bytes on disk
-    pinned    INTEGER NOT NULL,        -- 1: written here or held as a replica; 0: cache
+    pinned    INTEGER NOT NULL,        -- 2: written here; 1: held as a replica; 0: cache
     last_used REAL NOT NULL
 ) WITHOUT ROWID;
 """
@@ -561,7 +561,8 @@ class Txn(Queries):
         t = time.time()
         new_chunks = list(new_chunks)
         self.conn.executemany(
-            "INSERT OR IGNORE INTO chunks(chunk_id, size, pinned, last_used) VALUES (?,?,1,?)",
+            "INSERT INTO chunks(chunk_id, size, pinned, last_used) VALUES (?,?,2,?)"
+            " ON CONFLICT(chunk_id) DO UPDATE SET pinned=2",
             [(c, n, t) for c, n in new_chunks],
         )
         if self.push_new_chunks:
@@ -699,6 +700,15 @@ class Txn(Queries):
             " last_used=excluded.last_used",
             (chunk_id, size, int(pinned), time.time()),
         )
+
+    def requeue_underreplicated(self, want: int) -> int:
+        """Repair: queue chunks written here that fewer than ``want`` peers acknowledged."""
+        return self.conn.execute(
+            "INSERT OR IGNORE INTO push_queue(chunk_id, size, added)"
+            " SELECT c.chunk_id, c.size, ? FROM chunks c WHERE c.pinned=2 AND"
+            " (SELECT COUNT(*) FROM holders h WHERE h.chunk_id=c.chunk_id) < ?",
+            (time.time(), want),
+        ).rowcount
 
     def set_peer_sequence(self, node_id: str, index_id: int, sequence: int) -> None:
         self.conn.execute(

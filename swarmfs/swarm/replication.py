@@ -95,8 +95,10 @@ class Replicator:
         self._retry_at: dict[bytes, float] = {}
         self._failures: dict[bytes, int] = {}
         self._peer_change = trio.Event()
+        self._repair_wanted = True
 
     def peer_changed(self) -> None:
+        self._repair_wanted = True
         event, self._peer_change = self._peer_change, trio.Event()
         event.set()
 
@@ -112,6 +114,10 @@ class Replicator:
             if not peers:  # nothing to do until someone connects
                 await self._peer_change.wait()
                 continue
+            if self._repair_wanted:  # a peer joined: chunks short of replicas go out again
+                self._repair_wanted = False
+                want = self._wanted(list(peers))
+                await self.db.write(lambda t, w=want: t.requeue_underreplicated(w))
             seq = self.db.reader.sequence()
             now = trio.current_time()
             batch = [
