@@ -58,7 +58,7 @@ def decode_token(token: str) -> tuple[bytes, list[Address]]:
         raise UserError(f"not a swarmfs join token (it should start with {PREFIX!r})")
     text = token.removeprefix(PREFIX)
     try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        raw = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
     except (ValueError, binascii.Error):
         raise UserError("malformed join token: not base64url") from None
     body, check = raw[:-_CHECK_BYTES], raw[-_CHECK_BYTES:]
