@@ -115,7 +115,11 @@ class Node:
             "bytes_stored": stored,
             "bytes_cached": cached,
             "cache_limit": self.config.cache_size,
-            "backlog": {"chunks": backlog_chunks, "bytes": backlog_bytes, "records": 0},
+            "backlog": {
+                "chunks": backlog_chunks,
+                "bytes": backlog_bytes,
+                "records": self.sync.backlog(),
+            },
             "mountpoint": str(self.mountpoint) if self.mountpoint else None,
         }
 

@@ -50,6 +50,8 @@ Invalidations = list[tuple[bytes, bytes, int | None, bool]]
 class Peers(Protocol):
     def connected_peers(self) -> list[PeerConnection]: ...
 
+    async def wait_connected(self, n: int) -> None: ...
+
 
 class ManifestStore(Protocol):
     """Seals and reads manifest chunks (block lists too long to travel inline)."""
@@ -79,6 +81,11 @@ class IndexSync:
         self._applied = applied
         self._apply_locks: dict[str, trio.Lock] = {}
         self._pull_wanted: dict[str, trio.Event] = {}
+        self._announced = db.reader.sequence()  # last change some peer has been sent
+
+    def backlog(self) -> int:
+        """Changes made or applied here that no peer has been sent yet."""
+        return max(0, self.db.reader.sequence() - self._announced)
 
     # -- serving -------------------------------------------------------------------
     async def export(self, rows: list[Row], with_sequence: bool) -> list[dict[str, Any]]:
@@ -211,6 +218,7 @@ class IndexSync:
         task_status.started()
         while True:
             await self.db.wait_changed(last)
+            await self.peers.wait_connected(1)  # while alone, changes wait (the backlog)
             rows, _ = self._page(last)
             if not rows:
                 last = self.db.reader.sequence()
@@ -226,6 +234,7 @@ class IndexSync:
                     await conn.send(msg)
                 except PeerUnavailable:
                     continue
+                self._announced = max(self._announced, rows[-1].sequence)
             last = rows[-1].sequence
 
 
