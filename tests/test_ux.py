@@ -7,6 +7,7 @@ with no key file copied by hand. ``pair`` is shared with test_trash.py.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import os
@@ -18,8 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from mounted import SwarmMount, wait_until
+from mounted import SwarmMount, fuse_unavailable, wait_until
 
+from swarmfs import cli
 from swarmfs.config import Address
 from swarmfs.crypto.keys import encode_swarm_key, new_swarm_key, read_swarm_key
 from swarmfs.errors import UserError
@@ -238,3 +240,66 @@ def test_invite_and_join_pair_two_nodes(
     wait_until(
         lambda: content(b.mountpoint / "greeting") == b"hello b\n", CONNECT_TIMEOUT, "a's file on b"
     )
+
+
+# --- contrib/ ---
+
+CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
+
+
+def complete(*words: str) -> list[str]:
+    """What contrib/swarmfs.bash offers for the last of ``words``."""
+    script = (
+        f"source {CONTRIB / 'swarmfs.bash'}\n"
+        'COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); _swarmfs; printf "%s\\n" "${COMPREPLY[@]}"'
+    )
+    result = ok(
+        subprocess.run(["bash", "-c", script, "bash", *words], capture_output=True, text=True)
+    )
+    return [line for line in result.stdout.splitlines() if line]
+
+
+def test_bash_completion_matches_the_parser() -> None:
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(commands.choices) <= set(complete("swarmfs", ""))
+    for name, sub in commands.choices.items():
+        flags = {
+            flag
+            for action in sub._actions
+            if action.help != argparse.SUPPRESS
+            for flag in action.option_strings
+        }
+        assert set(complete("swarmfs", name, "-")) == flags, name
+    assert complete("swarmfs", "trash", "") == ["list", "restore"]
+    assert complete("swarmfs", "mount", "-o", "noatime,nos") == ["noatime,nosuid"]
+
+
+def test_mount_helper_turns_fstab_options_into_flags(tmp_path: Path) -> None:
+    """mount(8) runs the helper as ``mount.fuse.swarmfs SOURCE DIR -o OPTS``; -f is a dry run."""
+    helper = [str(CONTRIB / "mount.fuse.swarmfs"), str(tmp_path / "data"), str(tmp_path / "mnt")]
+    fake = ["-f", "-o", "rw,_netdev,noatime,listen=127.0.0.1:0,replicas=2,nodev"]
+    assert subprocess.run([*helper, *fake], check=False).returncode == 0
+    bad = subprocess.run([*helper, "-o", "noatime,bogus"], capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert bad.stderr == "mount.fuse.swarmfs: unsupported option 'bogus'\n"
+
+
+@pytest.mark.mounted
+def test_mount_helper_mounts(tmp_path: Path) -> None:
+    reason = fuse_unavailable()
+    if reason is not None:
+        pytest.skip(f"FUSE unavailable: {reason}")
+    node = SwarmMount(tmp_path, "fstab")
+    helper = [CONTRIB / "mount.fuse.swarmfs", node.data_dir, node.mountpoint]
+    options = ["-n", "-o", "rw,noatime,listen=127.0.0.1:0"]
+    env = dict(os.environ, SWARMFS=str(SWARMFS))
+    try:
+        ok(subprocess.run([*helper, *options], capture_output=True, text=True, env=env))
+        assert node.answers()
+        (node.mountpoint / "f").write_bytes(b"via fstab")
+        node.pid = wait_until(node._read_pid, 10, "the node's pid file")
+        node.umount()
+    finally:
+        node.cleanup()
+    assert node.log_problems() == []
