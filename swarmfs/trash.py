@@ -12,6 +12,9 @@ Only files have content to keep: directories, symlinks and special files come
 back by being recreated (a restored file brings back its missing parent
 directories).
 
+Expiry (``trash_retention``, default 7 days; 0 turns the trash off) is the
+node's garbage collector's job (``swarmfs/gc.py``, ``Txn.expire_trash``).
+
 The same functions serve the CLI offline (holding the data dir's lock) and a
 running node's control handlers ``trash_list``/``trash_restore``; the
 transaction functions run on the database's writer thread, never awaiting.
@@ -20,7 +23,6 @@ transaction functions run on the database's writer thread, never awaiting.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,16 +105,6 @@ def restore_fn(path: bytes) -> Callable[[Txn], list[tuple[bytes, bytes, int | No
         return t.invalidations
 
     return txn
-
-
-def expire_fn(retention: float, now: float | None = None) -> Callable[[Txn], list[bytes]]:
-    """The transaction that drops entries older than ``retention`` seconds.
-
-    Returns the chunks no longer referenced, for the caller to delete from the
-    store. Retention 0 turns the trash off: every entry expires at once.
-    """
-    before = (time.time() if now is None else now) - retention
-    return lambda t: t.expire_trash(before if retention else float("inf"))
 
 
 # --- offline, for the CLI when no node runs on the data dir ---
