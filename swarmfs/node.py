@@ -35,7 +35,7 @@ from swarmfs.swarm.replication import ChunkService, Fetcher, Replicator
 
 log = logging.getLogger(__name__)
 
-FUSE_MAX_TASKS = 32
+FUSE_MAX_TASKS = 128  # reads waiting on the network hold at most FETCH_PARALLEL of these
 
 
 def _clean_start(db: Database, store: ChunkStore, staging_dir: Path) -> None:

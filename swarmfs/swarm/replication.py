@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 PUSH_WINDOW = 8
 FETCH_TIMEOUT = 30.0
+FETCH_PARALLEL = 32  # fetches in flight node-wide, so metadata requests always find a worker
 NO_SPACE = "no_space"
 BAD_CHUNK = "bad_chunk"
 DISK_RESERVE = 64 * 1024 * 1024  # refuse replicas before the disk is completely full
@@ -195,8 +196,13 @@ class Fetcher:
         self.db = db
         self.peers = peers
         self.timeout = timeout
+        self._slots = trio.Semaphore(FETCH_PARALLEL)
 
     async def fetch(self, chunk_id: bytes, h: bytes) -> bytes:
+        async with self._slots:
+            return await self._fetch(chunk_id)
+
+    async def _fetch(self, chunk_id: bytes) -> bytes:
         asked: list[str] = []
         with trio.move_on_after(self.timeout):
             while True:
