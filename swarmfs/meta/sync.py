@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 PAGE_BYTES = 512 * 1024  # estimated record bytes per index page, well under a frame
 PAGE_RECORDS = 2000
+ANNOUNCE_INBOX = 64  # announces queued per peer before falling back to a pull
 
 Invalidations = list[tuple[bytes, bytes, int | None, bool]]
 
@@ -80,7 +81,8 @@ class IndexSync:
         self._known_inodes = known_inodes
         self._applied = applied
         self._apply_locks: dict[str, trio.Lock] = {}
-        self._pull_wanted: dict[str, trio.Event] = {}
+        self._inbox: dict[str, trio.MemorySendChannel[Announce]] = {}
+        self._pull_later: set[str] = set()
         self._announced = db.reader.sequence()  # last change some peer has been sent
 
     def backlog(self) -> int:
@@ -182,34 +184,45 @@ class IndexSync:
                     return
 
     async def on_announce(self, conn: PeerConnection, msg: Message) -> None:
+        """Runs on the connection's reader: only queue, never wait (the reader must keep
+        reading the replies that a pull in progress is waiting for)."""
         assert isinstance(msg, Announce)
+        inbox = self._inbox.get(conn.peer_id)
+        if inbox is None:
+            return  # not following yet: the first pull will fetch it
+        try:
+            inbox.send_nowait(msg)
+        except trio.WouldBlock:
+            self._pull_later.add(conn.peer_id)  # the inbox is full: catch up by pulling
+
+    async def _take_announce(self, conn: PeerConnection, msg: Announce) -> None:
         async with self._lock(conn.peer_id):
             remembered = self.db.reader.peer_sequence(conn.peer_id, msg.index_id)
-            seqs = [m.get("q") for m in msg.records]
-            contiguous = seqs == list(range(remembered + 1, remembered + 1 + len(seqs)))
             if msg.sequence <= remembered:
                 return  # already have all of it
-            if contiguous and seqs:
+            seqs = [m.get("q") for m in msg.records]
+            if seqs and seqs == list(range(remembered + 1, remembered + 1 + len(seqs))):
                 records = await self._decode(conn, msg.records)
                 await self._apply(conn, msg.index_id, records, msg.sequence)
                 return
-        self._want_pull(conn.peer_id)
-
-    def _want_pull(self, peer: str) -> None:
-        event = self._pull_wanted.get(peer)
-        if event is not None:
-            event.set()
+        await self.pull(conn)  # a gap: something was missed
 
     async def follow(self, conn: PeerConnection) -> None:
-        """Connect hook: pull now, and again whenever an announce leaves a gap."""
-        while not conn.closed:
-            self._pull_wanted[conn.peer_id] = event = trio.Event()
-            try:
-                await self.pull(conn)
-            except PeerUnavailable as exc:
-                log.info("index sync with %s stopped: %s", conn, exc)
-                return
-            await event.wait()
+        """Connect hook: pull now, then apply announces in order, pulling after any gap."""
+        send, receive = trio.open_memory_channel[Announce](ANNOUNCE_INBOX)
+        self._inbox[conn.peer_id] = send
+        try:
+            await self.pull(conn)
+            async for msg in receive:
+                await self._take_announce(conn, msg)
+                if conn.peer_id in self._pull_later:
+                    self._pull_later.discard(conn.peer_id)
+                    await self.pull(conn)
+        except PeerUnavailable as exc:
+            log.info("index sync with %s stopped: %s", conn, exc)
+        finally:
+            if self._inbox.get(conn.peer_id) is send:
+                del self._inbox[conn.peer_id]
 
     # -- announcing --------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
