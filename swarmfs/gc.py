@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -32,8 +33,12 @@ class GarbageCollector:
         self.store = store
         self.cache_limit = cache_limit
         self.trash_retention = trash_retention
+        self.before_collect: Callable[[], Awaitable[object]] | None = None
+        """Frees what only the filesystem knows is unused (detached inodes)."""
 
     async def collect(self) -> int:
+        if self.before_collect is not None:
+            await self.before_collect()
         now = time.time()
         gone = await self.db.write(lambda t: t.expire_trash(now - self.trash_retention))
         gone += await self.db.write(lambda t: t.reclaim(now - GRACE, self.cache_limit))

@@ -80,9 +80,7 @@ class Node:
             bootstrap=[str(a) for a in config.bootstrap],
             index_position=lambda: (self.db.reader.index_id(), self.db.reader.sequence()),
         )
-        self.sync = IndexSync(
-            self.db, self.membership, self.chunks, self.fs.known_inodes, self.fs.remote_applied
-        )
+        self.sync = IndexSync(self.db, self.membership, self.chunks, self.fs.remote_applied)
         self.chunk_service = ChunkService(self.db, self.store, config.cache_size)
         self.replicator = Replicator(self.db, self.store, self.membership, config.replicas)
         self.chunks.source = Fetcher(self.db, self.membership)

@@ -710,13 +710,20 @@ class Filesystem:
             version=hidden.version.bump(node_id),
             modified_by=node_id,
         )
-        known = self.known_inodes()
 
         def txn(t: Txn) -> list[tuple[bytes, bytes, int | None, bool]]:
-            t.apply_remote(rec, known)
+            t.apply_remote(rec)
             return t.invalidations
 
         await self.remote_applied(await self.db.write(txn))
+
+    async def sweep_detached(self) -> None:
+        """Free detached inodes the kernel holds no reference to (remote changes detach
+        every replaced inode, since a lookup may be racing the change)."""
+        known = self.known_inodes()
+        for ino in self.db.reader.hidden_inodes():
+            if ino not in known:
+                await self._free_if_detached(ino)
 
     def known_inodes(self) -> set[int]:
         """Inodes the kernel holds references to (lookups or open handles)."""

@@ -716,23 +716,25 @@ class Txn(Queries):
             (node_id, index_id, sequence),
         )
 
-    def apply_remote(self, rec: Record, known_inos: set[int]) -> None:
+    def apply_remote(self, rec: Record) -> None:
         """Merge a record from a peer into this node (DESIGN.md §3 merge rules).
 
         Changes are sequenced here so they are announced on to other peers;
         ``self.invalidations`` collects (parent path, name, old inode) for the
-        kernel caches. ``known_inos``: inodes the kernel holds (they get detached
-        instead of dropped when their content is replaced or deleted).
+        kernel caches. An inode whose content is replaced or deleted is detached
+        (kept on a hidden copy), never dropped: the kernel may hold it, and may
+        even be handing it out right now from a lookup racing this transaction;
+        ``Filesystem.sweep_detached`` frees the ones it does not hold.
         """
         row = self.by_path(rec.path)
         local = self.record(row) if row is not None else None
         res = resolve(local, rec)
         if res.changed:
-            self._store(row, res.winner, known_inos)
+            self._store(row, res.winner)
         if res.conflict is not None:
-            self.apply_remote(res.conflict, known_inos)
+            self.apply_remote(res.conflict)
 
-    def _store(self, row: Row | None, rec: Record, known_inos: set[int]) -> None:
+    def _store(self, row: Row | None, rec: Record) -> None:
         now = now_ns()
         if not rec.deleted and not self._ensure_parents(rec, now):
             return
@@ -762,7 +764,7 @@ class Txn(Queries):
                     (row.path, row.kind.value, row.mode, row.size, row.mtime_ns, now / 1e9,
                      rec.modified_by, row.bl),
                 )  # fmt: skip
-            if old_ino is not None and old_ino in known_inos:
+            if old_ino is not None:
                 self.detach(row, old_ino)
             else:
                 self.conn.execute("DELETE FROM inodes WHERE rid=?", (row.rid,))
@@ -898,6 +900,14 @@ class Txn(Queries):
                 cached -= size
             self.conn.executemany("DELETE FROM chunks WHERE chunk_id=?", [(c,) for c in evict])
         return gone + evict
+
+    def hidden_inodes(self) -> list[int]:
+        return [
+            i
+            for (i,) in self.conn.execute(
+                "SELECT ino FROM inodes WHERE rid IN (SELECT rid FROM records WHERE hidden=1)"
+            )
+        ]
 
     def drop_hidden(self) -> list[bytes]:
         """At start-up no inode is open: remove every detached copy."""

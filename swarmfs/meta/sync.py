@@ -72,13 +72,11 @@ class IndexSync:
         db: Database,
         peers: Peers,
         manifests: ManifestStore,
-        known_inodes: Callable[[], set[int]],
         applied: Callable[[Invalidations], Awaitable[None]],
     ) -> None:
         self.db = db
         self.peers = peers
         self.manifests = manifests
-        self._known_inodes = known_inodes
         self._applied = applied
         self._apply_locks: dict[str, trio.Lock] = {}
         self._inbox: dict[str, trio.MemorySendChannel[Announce]] = {}
@@ -150,12 +148,11 @@ class IndexSync:
     async def _apply(
         self, conn: PeerConnection, index_id: int, records: list[Record], sequence: int
     ) -> None:
-        known = self._known_inodes()
         peer = conn.peer_id
 
         def txn(t: Any) -> Invalidations:
             for rec in records:
-                t.apply_remote(rec, known)
+                t.apply_remote(rec)
             t.set_peer_sequence(peer, index_id, sequence)
             return t.invalidations
 
