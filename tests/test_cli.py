@@ -571,13 +571,6 @@ def test_human_bytes() -> None:
     assert cli.human_bytes(10 * GiB) == "10.0 GiB"
 
 
-@pytest.mark.parametrize("command", ["invite", "fsck", "demo"])
-def test_unfinished_commands_say_so(data_dir: Path, command: str) -> None:
-    result = swarmfs(command, data_dir=data_dir)
-    assert result.returncode == 2
-    assert "not implemented yet" in result.stderr
-
-
 # --- a real node: the launcher, umount and a crashed node's mount ---
 
 
