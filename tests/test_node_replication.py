@@ -189,3 +189,22 @@ async def test_concurrent_edits_keep_both_versions(tmp_path: Path) -> None:
             assert await read_file(a, b"doc.txt") == b"edit from b, later", "the later edit wins"
             for i in (0, 1):
                 await cluster.stop(i)
+
+
+async def test_long_block_lists_travel_in_manifest_chunks(tmp_path: Path) -> None:
+    """A file of more than 1 024 chunks (sparse here) replicates through manifests."""
+    offset = 1500 * CHUNK_SIZE + 5
+    with trio.fail_after(60):
+        async with running_nodes(tmp_path, 2) as (a, b):
+            await eventually(lambda: b.membership.connected_peers(), "a connection")
+            fh, _ = await a.fs.create(ROOT_INO, b"sparse", 0o644, os.O_WRONLY, ME)
+            await a.fs.write(fh, 0, b"head")
+            await a.fs.write(fh, offset, b"tail")
+            await a.fs.flush(fh)
+            await a.fs.release(fh)
+            await eventually(lambda: has(b, b"sparse", offset + 4), "the sparse file on b")
+            attr = await b.fs.lookup(ROOT_INO, b"sparse")
+            fh = await b.fs.open(attr.ino, os.O_RDONLY)
+            assert await b.fs.read(fh, 0, 4) == b"head"
+            assert await b.fs.read(fh, offset - 2, 6) == b"\0\0tail"
+            await b.fs.release(fh)
