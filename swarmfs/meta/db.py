@@ -427,7 +427,6 @@ class Txn(Queries):
         super().__init__(conn)
         self.node_id = node_id
         self.push_new_chunks = push  # False with --replicas 1: nothing is ever pushed
-        self.changed_rids: list[int] = []
         self.invalidations: list[tuple[bytes, bytes, int | None, bool]] = []
 
     def next_sequence(self) -> int:
@@ -481,7 +480,6 @@ class Txn(Queries):
                 (path, parent_of(path), path.rsplit(b"/", 1)[-1], *values.values()),
             ).lastrowid
         self.touch_dir(parent_of(path), now)
-        self.changed_rids.append(rid)  # type: ignore[arg-type]
         return rid, self.new_inode(rid)  # type: ignore[arg-type]
 
     def new_blocklist(self) -> int:
@@ -498,7 +496,6 @@ class Txn(Queries):
                 modified_by=self.node_id,
                 sequence=self.next_sequence(),
             )
-            self.changed_rids.append(rid)
         self._set(rid, **cols)
 
     def own_blocklist(self, row: Row) -> int:
@@ -577,7 +574,6 @@ class Txn(Queries):
                 modified_by=self.node_id,
                 sequence=self.next_sequence(),
             )
-            self.changed_rids.append(rid)
         self._set(rid, **cols)
         return self.drop_unreferenced(old_ids)
 
@@ -629,7 +625,6 @@ class Txn(Queries):
             sequence=self.next_sequence(),
         )
         self.touch_dir(parent_of(row.path), now)
-        self.changed_rids.append(row.rid)
 
     def move(self, src: Row, new_path: bytes, now: int) -> None:
         """Rename: the record (and, for a directory, every live descendant) moves to
@@ -665,16 +660,14 @@ class Txn(Queries):
                 ctime_ns=now,
                 sequence=self.next_sequence(),
             )
-            self.changed_rids.append(r.rid)
         for r in reversed(movers):  # children's tombstones before their directory's
-            tomb = self.conn.execute(
+            self.conn.execute(
                 "INSERT INTO records(path, parent, name, kind, mode, uid, gid, size, mtime_ns,"
                 " ctime_ns, atime_ns, target, version, modified_by, deleted, sequence, bl, hidden)"
                 " VALUES (?,?,?,?,?,?,?,0,?,?,?,x'',?,?,1,?,NULL,0)",
                 (r.path, parent_of(r.path), r.name, r.kind.value, r.mode, r.uid, r.gid, now, now,
                  now, _vv(r.version.bump(self.node_id)), self.node_id, self.next_sequence()),
-            ).lastrowid  # fmt: skip
-            self.changed_rids.append(tomb)  # type: ignore[arg-type]
+            )  # fmt: skip
         self.touch_dir(parent_of(old_prefix), now)
         self.touch_dir(parent_of(new_path), now)
 
@@ -958,7 +951,6 @@ class Txn(Queries):
         self.conn.execute("DELETE FROM trash WHERE tid=?", (tid,))
         self.new_inode(rid)
         self.touch_dir(parent_of(path), now)
-        self.changed_rids.append(rid)
         self.invalidations.append((parent_of(path), path.rsplit(b"/", 1)[-1], None, False))
         return rid
 
