@@ -199,7 +199,6 @@ class Node:
                 await nursery.start(self.replicator.run)
                 await nursery.start(self.gc.run)
                 if self.mountpoint is not None:
-                    mount.clear_dead_mount(self.mountpoint)
                     options = mount.fuse_options(self.data_dir.path, self.config.fuse_options)
                     mount.init(Operations(self.fs), self.mountpoint, options)
                     mounted = True

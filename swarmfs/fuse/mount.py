@@ -1,25 +1,17 @@
-"""Mounting: options, the FUSE session, and clearing a dead mount left by a crash."""
+"""Mounting: the option set and the FUSE session (a dead mount is cleared by ``cli``)."""
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
-import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
 import pyfuse3
 
+from swarmfs.config import FUSE_OPTIONS
 from swarmfs.errors import UserError
 
 log = logging.getLogger(__name__)
-
-FS_TYPE = "fuse.swarmfs"
-ALLOWED_OPTIONS = frozenset(
-    {"allow_other", "default_permissions", "ro", "noatime", "nosuid", "nodev"}
-)
-
 
 def fuse_options(data_dir: Path, user_options: Iterable[str]) -> set[str]:
     """The option set for ``pyfuse3.init``: fsname ``swarmfs:DIR``, type ``fuse.swarmfs``.
@@ -28,50 +20,10 @@ def fuse_options(data_dir: Path, user_options: Iterable[str]) -> set[str]:
     sticky bit for every user the mount is shared with.
     """
     opts = set(user_options)
-    unknown = opts - ALLOWED_OPTIONS
+    unknown = opts - FUSE_OPTIONS  # config refuses these first; this guards other callers
     if unknown:
         raise UserError(f"unsupported mount option: {', '.join(sorted(unknown))}")
     return opts | {"default_permissions", f"fsname=swarmfs:{data_dir}", "subtype=swarmfs"}
-
-
-def mount_type(mountpoint: Path) -> str | None:
-    """The fstype of the mount at ``mountpoint`` from /proc/self/mountinfo, if mounted."""
-    target = os.path.realpath(mountpoint)
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return None
-    found = None
-    for line in lines:
-        left, _, right = line.partition(" - ")
-        fields = left.split()
-        if len(fields) > 4 and _unescape(fields[4]) == target:
-            found = right.split()[0]
-    return found
-
-
-def _unescape(field: str) -> str:
-    return (
-        field.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
-    )
-
-
-def clear_dead_mount(mountpoint: Path) -> bool:
-    """A swarmfs mount whose node died answers ENOTCONN: lazily unmount it. True if cleared."""
-    try:
-        os.stat(mountpoint)
-        return False
-    except OSError as exc:
-        if exc.errno != errno.ENOTCONN:
-            return False
-    if mount_type(mountpoint) != FS_TYPE:
-        return False
-    subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=False, capture_output=True)
-    log.warning("cleared the dead swarmfs mount at %s left by a crashed node", mountpoint)
-    return True
 
 
 def init(ops: pyfuse3.Operations, mountpoint: Path, options: set[str]) -> None:
