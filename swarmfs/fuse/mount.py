@@ -13,6 +13,7 @@ from swarmfs.errors import UserError
 
 log = logging.getLogger(__name__)
 
+
 def fuse_options(data_dir: Path, user_options: Iterable[str]) -> set[str]:
     """The option set for ``pyfuse3.init``: fsname ``swarmfs:DIR``, type ``fuse.swarmfs``.
 
