@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -10,8 +9,6 @@ import pyfuse3
 
 from swarmfs.config import FUSE_OPTIONS
 from swarmfs.errors import UserError
-
-log = logging.getLogger(__name__)
 
 
 def fuse_options(data_dir: Path, user_options: Iterable[str]) -> set[str]:
