@@ -29,7 +29,7 @@ from swarmfs.meta.db import Database
 from swarmfs.meta.sync import IndexSync
 from swarmfs.net.peer import PeerConnection
 from swarmfs.store.cas import ChunkStore
-from swarmfs.swarm.membership import Membership
+from swarmfs.swarm.membership import Membership, MembershipSettings
 from swarmfs.swarm.peerstore import SqlitePeerStore
 from swarmfs.swarm.replication import ChunkService, Fetcher, Replicator
 
@@ -57,7 +57,14 @@ def _clean_start(db: Database, store: ChunkStore, staging_dir: Path) -> None:
 
 
 class Node:
-    def __init__(self, config: Config, data_dir: DataDir, mountpoint: Path | None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        data_dir: DataDir,
+        mountpoint: Path | None,
+        network: MembershipSettings | None = None,
+    ) -> None:
+        """``network``: timeouts and limits of the peer layer (tests shorten them)."""
         self.config = config
         self.data_dir = data_dir
         self.mountpoint = mountpoint
@@ -79,6 +86,7 @@ class Node:
             tls_dir=data_dir.path,
             bootstrap=[str(a) for a in config.bootstrap],
             index_position=lambda: (self.db.reader.index_id(), self.db.reader.sequence()),
+            settings=network,
         )
         self.sync = IndexSync(self.db, self.membership, self.chunks, self.fs.remote_applied)
         self.chunk_service = ChunkService(self.db, self.store, config.cache_size)

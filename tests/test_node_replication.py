@@ -21,7 +21,9 @@ from swarmfs.config import Address, Config
 from swarmfs.datadir import DataDir
 from swarmfs.fs.namespace import Caller, FsError
 from swarmfs.meta.db import ROOT_INO
+from swarmfs.net.peer import ConnectionSettings
 from swarmfs.node import Node
+from swarmfs.swarm.membership import MembershipSettings
 
 ME = Caller(uid=0, gid=0, umask=0o022)
 
@@ -35,8 +37,15 @@ def free_port() -> int:
 class Cluster:
     """Nodes that can be stopped and started again on the same data dir and port."""
 
-    def __init__(self, nursery: trio.Nursery, base: Path, config: dict[str, object]) -> None:
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        base: Path,
+        config: dict[str, object],
+        network: MembershipSettings | None = None,
+    ) -> None:
         self.nursery = nursery
+        self.network = network
         self.base = base
         self.config = config
         self.ports: list[int] = []
@@ -55,7 +64,7 @@ class Cluster:
             bootstrap=(Address("127.0.0.1", self.ports[0]),) if i else (),
             **self.config,  # type: ignore[arg-type]
         )
-        node = Node(cfg, data_dir, None)
+        node = Node(cfg, data_dir, None, self.network)
         node.handle_signals = False
         done = self._done[i] = trio.Event()
 
@@ -208,3 +217,30 @@ async def test_long_block_lists_travel_in_manifest_chunks(tmp_path: Path) -> Non
             assert await b.fs.read(fh, 0, 4) == b"head"
             assert await b.fs.read(fh, offset - 2, 6) == b"\0\0tail"
             await b.fs.release(fh)
+
+
+async def test_sync_survives_a_peer_that_stalls_without_disconnecting(tmp_path: Path) -> None:
+    """A request timing out on a live connection used to end index sync for good."""
+    quick = MembershipSettings(connection=ConnectionSettings(request_timeout=0.5))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            cluster = Cluster(nursery, tmp_path, {}, quick)
+            a = await cluster.start(0)
+            stalled = trio.Event()
+            serve = a.sync.on_index_since
+
+            async def stall_first(conn: object, msg: object) -> object:
+                if not stalled.is_set():
+                    stalled.set()
+                    await trio.sleep_forever()  # a peer too busy to answer, link still up
+                return await serve(conn, msg)  # type: ignore[arg-type]
+
+            a.membership.register_handler("index_since", stall_first)
+            await write_file(a, b"before.txt", b"written before b joined")
+            b = await cluster.start(1)
+            await stalled.wait()
+            await eventually(lambda: has(b, b"before.txt", 23), "the record despite the stall")
+            await write_file(a, b"after.txt", b"and one after")
+            await eventually(lambda: has(b, b"after.txt", 13), "later records too")
+            for i in (0, 1):
+                await cluster.stop(i)

@@ -205,18 +205,31 @@ class IndexSync:
         await self.pull(conn)  # a gap: something was missed
 
     async def follow(self, conn: PeerConnection) -> None:
-        """Connect hook: pull now, then apply announces in order, pulling after any gap."""
+        """Connect hook: pull now, then apply announces in order, pulling after any gap.
+
+        A request that times out on a connection that stays up (a peer too busy
+        to answer) does not end the sync: it pulls again, backing off.
+        """
         send, receive = trio.open_memory_channel[Announce](ANNOUNCE_INBOX)
         self._inbox[conn.peer_id] = send
+        backoff = 1.0
         try:
-            await self.pull(conn)
-            async for msg in receive:
-                await self._take_announce(conn, msg)
-                if conn.peer_id in self._pull_later:
-                    self._pull_later.discard(conn.peer_id)
+            while not conn.closed:
+                try:
                     await self.pull(conn)
-        except PeerUnavailable as exc:
-            log.info("index sync with %s stopped: %s", conn, exc)
+                    backoff = 1.0
+                    async for msg in receive:
+                        await self._take_announce(conn, msg)
+                        if conn.peer_id in self._pull_later:
+                            self._pull_later.discard(conn.peer_id)
+                            await self.pull(conn)
+                except PeerUnavailable as exc:
+                    if conn.closed:
+                        log.info("index sync with %s stopped: %s", conn, exc)
+                        return
+                    log.warning("index sync with %s stalled (%s); retrying", conn, exc)
+                    await trio.sleep(backoff)  # backoff before asking again
+                    backoff = min(backoff * 2, 60.0)
         finally:
             if self._inbox.get(conn.peer_id) is send:
                 del self._inbox[conn.peer_id]
