@@ -232,6 +232,20 @@ def errno_of(fn: Callable[[], object]) -> int:
     return 0
 
 
+def read_uncached(path: Path) -> bytes:
+    """A file's content as the filesystem serves it, not as the page cache remembers it
+    (POSIX_FADV_DONTNEED drops the file's clean cached pages first)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def tree_snapshot(root: Path) -> dict[str, tuple]:
     """Everything a user sees of a tree: kind, mode, size, mtime, content or target."""
     out: dict[str, tuple] = {}
@@ -247,7 +261,7 @@ def tree_snapshot(root: Path) -> dict[str, tuple]:
             elif not stat.S_ISREG(st.st_mode):  # fifo, socket: never open them
                 out[rel] = ("special", oct(st.st_mode), st.st_mtime_ns)
             else:
-                out[rel] = ("file", oct(st.st_mode), st.st_mtime_ns, path.read_bytes())
+                out[rel] = ("file", oct(st.st_mode), st.st_mtime_ns, read_uncached(path))
     return out
 
 
