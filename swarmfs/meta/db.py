@@ -438,6 +438,29 @@ class Txn(Queries):
         names = ", ".join(f"{k}=?" for k in cols)
         self.conn.execute(f"UPDATE records SET {names} WHERE rid=?", (*cols.values(), rid))
 
+    def _local_change(self, version: VersionVector) -> dict[str, object]:
+        """Columns of a change made on this node: its counter bumped, a new sequence."""
+        return dict(
+            version=_vv(version.bump(self.node_id)),
+            modified_by=self.node_id,
+            sequence=self.next_sequence(),
+        )
+
+    def _upsert(self, path: bytes, existing: Row | None, **values: object) -> int:
+        """Write the record at ``path``: over ``existing`` (its rid kept), else a new row."""
+        if existing is not None:
+            self._set(existing.rid, **values)
+            return existing.rid
+        cols: dict[str, object] = dict(
+            path=path, parent=parent_of(path), name=path.rsplit(b"/", 1)[-1],
+            size=0, target=b"", deleted=0, bl=None, hidden=0,
+        )  # fmt: skip
+        cols.update(values)
+        cols.setdefault("atime_ns", cols["mtime_ns"])
+        names, marks = ", ".join(cols), ", ".join("?" * len(cols))
+        sql = f"INSERT INTO records({names}) VALUES ({marks})"
+        return self.conn.execute(sql, tuple(cols.values())).lastrowid  # type: ignore[return-value]
+
     def touch_dir(self, path: bytes, now: int) -> None:
         """A child was added or removed: mtime/ctime change on this node only (not replicated)."""
         self.conn.execute(
@@ -459,26 +482,24 @@ class Txn(Queries):
     ) -> tuple[int, int]:
         """A new live record at ``path`` (reviving its tombstone if any); returns (rid, ino)."""
         old = self.by_path(path)
-        version = (old.version if old else VersionVector()).bump(self.node_id)
-        seq = self.next_sequence()
-        bl = self.new_blocklist() if kind == Kind.FILE else None
-        size = len(target) if kind == Kind.SYMLINK else 0
-        values = dict(
-            kind=kind.value, mode=mode, uid=uid, gid=gid, size=size, mtime_ns=now, ctime_ns=now,
-            atime_ns=now, target=target, version=_vv(version), modified_by=self.node_id,
-            deleted=0, sequence=seq, bl=bl, hidden=0,
-        )  # fmt: skip
-        if old is not None:
-            assert old.deleted, "create over a live record"
-            self._set(old.rid, **values)
-            rid = old.rid
-        else:
-            rid = self.conn.execute(
-                "INSERT INTO records(path, parent, name, kind, mode, uid, gid, size, mtime_ns,"
-                " ctime_ns, atime_ns, target, version, modified_by, deleted, sequence, bl, hidden)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (path, parent_of(path), path.rsplit(b"/", 1)[-1], *values.values()),
-            ).lastrowid
+        assert old is None or old.deleted, "create over a live record"
+        rid = self._upsert(
+            path,
+            old,
+            kind=kind.value,
+            mode=mode,
+            uid=uid,
+            gid=gid,
+            size=len(target) if kind == Kind.SYMLINK else 0,
+            mtime_ns=now,
+            ctime_ns=now,
+            atime_ns=now,
+            target=target,
+            deleted=0,
+            bl=self.new_blocklist() if kind == Kind.FILE else None,
+            hidden=0,
+            **self._local_change(old.version if old else VersionVector()),
+        )
         self.touch_dir(parent_of(path), now)
         return rid, self.new_inode(rid)  # type: ignore[arg-type]
 
@@ -491,11 +512,7 @@ class Txn(Queries):
         assert row is not None
         cols: dict[str, object] = dict(attrs, ctime_ns=now)
         if not row.hidden:
-            cols.update(
-                version=_vv(row.version.bump(self.node_id)),
-                modified_by=self.node_id,
-                sequence=self.next_sequence(),
-            )
+            cols.update(self._local_change(row.version))
         self._set(rid, **cols)
 
     def own_blocklist(self, row: Row) -> int:
@@ -569,11 +586,7 @@ class Txn(Queries):
             )
         cols: dict[str, object] = dict(size=size, mtime_ns=mtime_ns, ctime_ns=now)
         if not row.hidden:
-            cols.update(
-                version=_vv(row.version.bump(self.node_id)),
-                modified_by=self.node_id,
-                sequence=self.next_sequence(),
-            )
+            cols.update(self._local_change(row.version))
         self._set(rid, **cols)
         return self.drop_unreferenced(old_ids)
 
@@ -606,13 +619,7 @@ class Txn(Queries):
             self.detach(row, keep_ino)
         else:
             self.conn.execute("DELETE FROM inodes WHERE rid=?", (row.rid,))
-        if row.kind == Kind.FILE and row.bl is not None:
-            self.conn.execute(
-                "INSERT INTO trash(path, kind, mode, size, mtime_ns, deleted_at, deleted_by, bl)"
-                " VALUES (?,?,?,?,?,?,?,?)",
-                (row.path, row.kind.value, row.mode, row.size, row.mtime_ns, now / 1e9,
-                 self.node_id, row.bl),
-            )  # fmt: skip
+        self._to_trash(row, now, self.node_id)
         self._set(
             row.rid,
             deleted=1,
@@ -620,11 +627,19 @@ class Txn(Queries):
             size=0,
             mtime_ns=now,
             ctime_ns=now,
-            version=_vv(row.version.bump(self.node_id)),
-            modified_by=self.node_id,
-            sequence=self.next_sequence(),
+            **self._local_change(row.version),
         )
         self.touch_dir(parent_of(row.path), now)
+
+    def _to_trash(self, row: Row, now: int, deleted_by: str) -> None:
+        """A deleted file's content stays restorable for the retention period."""
+        if row.kind == Kind.FILE and row.bl is not None:
+            self.conn.execute(
+                "INSERT INTO trash(path, kind, mode, size, mtime_ns, deleted_at, deleted_by, bl)"
+                " VALUES (?,?,?,?,?,?,?,?)",
+                (row.path, row.kind.value, row.mode, row.size, row.mtime_ns, now / 1e9,
+                 deleted_by, row.bl),
+            )  # fmt: skip
 
     def move(self, src: Row, new_path: bytes, now: int) -> None:
         """Rename: the record (and, for a directory, every live descendant) moves to
@@ -655,18 +670,13 @@ class Txn(Queries):
                 path=dest,
                 parent=parent_of(dest),
                 name=dest.rsplit(b"/", 1)[-1],
-                version=_vv(base.merge(r.version).bump(self.node_id)),
-                modified_by=self.node_id,
                 ctime_ns=now,
-                sequence=self.next_sequence(),
+                **self._local_change(base.merge(r.version)),
             )
         for r in reversed(movers):  # children's tombstones before their directory's
-            self.conn.execute(
-                "INSERT INTO records(path, parent, name, kind, mode, uid, gid, size, mtime_ns,"
-                " ctime_ns, atime_ns, target, version, modified_by, deleted, sequence, bl, hidden)"
-                " VALUES (?,?,?,?,?,?,?,0,?,?,?,x'',?,?,1,?,NULL,0)",
-                (r.path, parent_of(r.path), r.name, r.kind.value, r.mode, r.uid, r.gid, now, now,
-                 now, _vv(r.version.bump(self.node_id)), self.node_id, self.next_sequence()),
+            self._upsert(
+                r.path, None, kind=r.kind.value, mode=r.mode, uid=r.uid, gid=r.gid,
+                mtime_ns=now, ctime_ns=now, deleted=1, **self._local_change(r.version),
             )  # fmt: skip
         self.touch_dir(parent_of(old_prefix), now)
         self.touch_dir(parent_of(new_path), now)
@@ -750,13 +760,8 @@ class Txn(Queries):
             and (rec.kind != Kind.FILE or self.all_blocks(row.bl) == _trim(rec.blocks))
         )
         if row is not None and not row.deleted and not same_content:
-            if rec.deleted and row.kind == Kind.FILE and row.bl is not None:
-                self.conn.execute(
-                    "INSERT INTO trash(path, kind, mode, size, mtime_ns, deleted_at, deleted_by,"
-                    " bl) VALUES (?,?,?,?,?,?,?,?)",
-                    (row.path, row.kind.value, row.mode, row.size, row.mtime_ns, now / 1e9,
-                     rec.modified_by, row.bl),
-                )  # fmt: skip
+            if rec.deleted:
+                self._to_trash(row, now, rec.modified_by)
             if old_ino is not None:
                 self.detach(row, old_ino)
             else:
@@ -776,24 +781,13 @@ class Txn(Queries):
                     if b.chunk_id is not None
                 ],
             )
-        values = dict(
+        rid = self._upsert(
+            rec.path, row,
             kind=rec.kind.value, mode=rec.mode, uid=rec.uid, gid=rec.gid, size=rec.size,
             mtime_ns=rec.mtime_ns, ctime_ns=now, target=rec.target, version=_vv(rec.version),
             modified_by=rec.modified_by, deleted=int(rec.deleted), sequence=self.next_sequence(),
             bl=bl,
         )  # fmt: skip
-        if row is None:
-            rid = self.conn.execute(
-                "INSERT INTO records(path, parent, name, kind, mode, uid, gid, size, mtime_ns,"
-                " ctime_ns, atime_ns, target, version, modified_by, deleted, sequence, bl, hidden)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,0)",
-                (rec.path, parent_of(rec.path), rec.name, values["kind"], rec.mode, rec.uid,
-                 rec.gid, rec.size, rec.mtime_ns, now, rec.mtime_ns, rec.target, values["version"],
-                 rec.modified_by, values["deleted"], values["sequence"], bl),
-            ).lastrowid  # fmt: skip
-        else:
-            rid = row.rid
-            self._set(rid, **values)
         if not rec.deleted and self.ino_of(rid) is None:  # type: ignore[arg-type]
             self.new_inode(rid)  # type: ignore[arg-type]
         self.touch_dir(parent_of(rec.path), now)
@@ -810,23 +804,12 @@ class Txn(Queries):
                     log.warning("record %r lies under a non-directory; not applied", rec.path)
                     return False
                 continue
-            version = (row.version if row is not None else VersionVector()).bump(self.node_id)
-            values = dict(
+            rid = self._upsert(
+                path, row,
                 kind="dir", mode=0o755, uid=rec.uid, gid=rec.gid, size=0, mtime_ns=now,
-                ctime_ns=now, target=b"", version=_vv(version), modified_by=self.node_id,
-                deleted=0, sequence=self.next_sequence(), bl=None,
+                ctime_ns=now, target=b"", deleted=0, bl=None,
+                **self._local_change(row.version if row is not None else VersionVector()),
             )  # fmt: skip
-            if row is None:
-                rid = self.conn.execute(
-                    "INSERT INTO records(path, parent, name, kind, mode, uid, gid, size,"
-                    " mtime_ns, ctime_ns, atime_ns, target, version, modified_by, deleted,"
-                    " sequence, bl, hidden) VALUES (?,?,?,'dir',?,?,?,0,?,?,?,x'',?,?,0,?,NULL,0)",
-                    (path, parent_of(path), parts[depth - 1], 0o755, rec.uid, rec.gid, now, now,
-                     now, values["version"], self.node_id, values["sequence"]),
-                ).lastrowid  # fmt: skip
-            else:
-                rid = row.rid
-                self._set(rid, **values)
             self.new_inode(rid)  # type: ignore[arg-type]
             self.invalidations.append((parent_of(path), parts[depth - 1], None, False))
         return True
@@ -929,25 +912,16 @@ class Txn(Queries):
         old = self.by_path(path)
         assert old is None or old.deleted, "restore over a live record"
         uid, gid = (old.uid, old.gid) if old is not None else (os.getuid(), os.getgid())
-        version = (old.version if old is not None else VersionVector()).bump(self.node_id)
-        parents = Record(path, Kind.FILE, mode, uid, gid, size, mtime_ns, version, self.node_id)
+        base = old.version if old is not None else VersionVector()
+        parents = Record(path, Kind.FILE, mode, uid, gid, size, mtime_ns, base, self.node_id)
         if not self._ensure_parents(parents, now):
             raise ValueError(f"{path!r} lies under a non-directory")
-        values = dict(
+        rid = self._upsert(
+            path, old,
             kind=Kind.FILE.value, mode=mode, uid=uid, gid=gid, size=size, mtime_ns=mtime_ns,
-            ctime_ns=now, atime_ns=now, target=b"", version=_vv(version),
-            modified_by=self.node_id, deleted=0, sequence=self.next_sequence(), bl=bl, hidden=0,
+            ctime_ns=now, atime_ns=now, target=b"", deleted=0, bl=bl, hidden=0,
+            **self._local_change(base),
         )  # fmt: skip
-        if old is not None:
-            rid = old.rid
-            self._set(rid, **values)
-        else:
-            rid = self.conn.execute(
-                "INSERT INTO records(path, parent, name, kind, mode, uid, gid, size, mtime_ns,"
-                " ctime_ns, atime_ns, target, version, modified_by, deleted, sequence, bl, hidden)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (path, parent_of(path), path.rsplit(b"/", 1)[-1], *values.values()),
-            ).lastrowid  # type: ignore[assignment]
         self.conn.execute("DELETE FROM trash WHERE tid=?", (tid,))
         self.new_inode(rid)
         self.touch_dir(parent_of(path), now)
