@@ -645,12 +645,6 @@ def test_posix_fallocate_gives_zeros_and_o_tmpfile_is_refused(mnt: Path) -> None
     assert os.listdir(mnt) == ["prealloc"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: fuse/mount.py puts the data dir into the fsname option unescaped, so a data"
-    " dir whose path contains a comma makes libfuse split the option (`fuse: unknown"
-    " option(s): -o ...`, fuse_session_new() failed) and the mount fails",
-)
 def test_mount_and_umount_with_spaces_and_commas_in_paths(tmp_path: Path) -> None:
     if fuse_unavailable():
         pytest.skip(f"FUSE unavailable: {fuse_unavailable()}")

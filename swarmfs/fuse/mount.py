@@ -21,7 +21,9 @@ def fuse_options(data_dir: Path, user_options: Iterable[str]) -> set[str]:
     unknown = opts - FUSE_OPTIONS  # config refuses these first; this guards other callers
     if unknown:
         raise UserError(f"unsupported mount option: {', '.join(sorted(unknown))}")
-    return opts | {"default_permissions", f"fsname=swarmfs:{data_dir}", "subtype=swarmfs"}
+    # libfuse splits options at commas and unescapes "\\," and "\\\\"
+    fsname = str(data_dir).replace("\\", "\\\\").replace(",", "\\,")
+    return opts | {"default_permissions", f"fsname=swarmfs:{fsname}", "subtype=swarmfs"}
 
 
 def init(ops: pyfuse3.Operations, mountpoint: Path, options: set[str]) -> None:
