@@ -19,6 +19,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+# Innermost frames that are waiting, not working, though py-spy counts them as active:
+# trio's event loop in epoll_wait and its idle worker threads waiting for a job.
+WAITING = ("EpollIOManager.get_events ", "WorkerThread._work ")
 _LINE = re.compile(r"^(.*) (\d+)$")
 _FRAME = re.compile(r"^(.*) \((.*?)(?::\d+)?\)$")
 
@@ -34,8 +37,17 @@ def _function(frame: str) -> str:
     return f"{name} ({short})"
 
 
-def summarise(path: Path) -> tuple[int, Counter[str], Counter[str], Counter[str]]:
-    """Total samples, and counters by thread, own function and inclusive function."""
+def summarise(
+    path: Path, package: str = "swarmfs"
+) -> tuple[int, Counter[str], Counter[str], Counter[str]]:
+    """Total samples, and counters by thread, own function and inclusive function.
+
+    Samples that only wait (``WAITING``) are counted as such under threads and
+    left out of the function counters.
+
+    Inclusive counts only frames of ``package`` (the thread start-up and event
+    loop frames under every sample would otherwise fill the list).
+    """
     total = 0
     threads: Counter[str] = Counter()
     own: Counter[str] = Counter()
@@ -49,11 +61,14 @@ def summarise(path: Path) -> tuple[int, Counter[str], Counter[str], Counter[str]
         thread = "(threads not recorded)"
         if stack[0].startswith("thread ("):  # py-spy -t: "thread (TID): NAME"
             thread = re.sub(r"\d+", "N", stack.pop(0).partition(": ")[2])
-        frames = [_function(f) for f in stack]
+        if not stack or stack[-1].startswith(WAITING):
+            threads["(waiting: event loop or idle worker)"] += count
+            continue
         threads[thread] += count
-        if frames:
-            own[frames[-1]] += count
-            for name in set(frames):
+        if stack:
+            own[_function(stack[-1])] += count
+            ours = {_function(f) for f in stack if f"({package}/" in f or f"/{package}/" in f}
+            for name in ours:
                 inclusive[name] += count
     return total, threads, own, inclusive
 
@@ -62,14 +77,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", type=Path, nargs="+")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--package", default="swarmfs", help="inclusive time for this package")
     args = parser.parse_args()
     console = Console(highlight=False)
     for path in args.files:
-        total, threads, own, inclusive = summarise(path)
+        total, threads, own, inclusive = summarise(path, args.package)
         console.rule(f"{path.name}: {total} samples")
         if not total:
             continue
-        for title, counter in (("thread", threads), ("own time", own), ("inclusive", inclusive)):
+        tables = (("thread", threads), ("own time", own), (f"inclusive, {args.package}", inclusive))
+        for title, counter in tables:
             table = Table(title=title, title_justify="left")
             table.add_column("%", justify="right")
             table.add_column(title)
