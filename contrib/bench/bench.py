@@ -405,6 +405,8 @@ class Profiler:
         self.directory = directory
         self.py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         if directory is not None:
+            if not Path(self.py_spy).exists():
+                raise BenchError("--py-spy needs py-spy: .venv/bin/pip install py-spy")
             directory.mkdir(parents=True, exist_ok=True)
 
     @contextlib.contextmanager
