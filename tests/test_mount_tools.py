@@ -646,6 +646,8 @@ def test_posix_fallocate_gives_zeros_and_o_tmpfile_is_refused(mnt: Path) -> None
 
 
 def test_mount_and_umount_with_spaces_and_commas_in_paths(tmp_path: Path) -> None:
+    """Regression: the data dir went unescaped into the fsname option, so a comma in its
+    path split the option and the mount failed."""
     if fuse_unavailable():
         pytest.skip(f"FUSE unavailable: {fuse_unavailable()}")
     node = SwarmMount(tmp_path / "odd dir", "name with space, comma")
