@@ -92,6 +92,8 @@ class Node:
         self.chunk_service = ChunkService(self.db, self.store, config.cache_size)
         self.replicator = Replicator(self.db, self.store, self.membership, config.replicas)
         self.chunks.source = Fetcher(self.db, self.membership)
+        if self.db.push_new_chunks:
+            self.fs.on_chunk_stored = self._queue_push
         self.gc = GarbageCollector(self.db, self.store, config.cache_size, config.trash_retention)
         for msg_type, handler in (
             ("index_since", self.sync.on_index_since),
@@ -103,6 +105,9 @@ class Node:
         self.membership.add_connect_hook(self._peer_connected)
         self._shutdown = trio.Event()
         self.handle_signals = True
+
+    async def _queue_push(self, chunk_id: bytes, size: int) -> None:
+        await self.db.write(lambda t: t.queue_push(chunk_id, size))
 
     async def _peer_connected(self, conn: PeerConnection) -> None:
         self.replicator.peer_changed()

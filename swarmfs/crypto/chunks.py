@@ -60,9 +60,15 @@ def unseal(content_key: bytes, h: bytes, ciphertext: bytes, chunk_id: bytes = b"
         raise CorruptChunk(f"chunk {chunk_id.hex()[:16]}: authentication failed") from None
 
 
-def verify(content_key: bytes, chunk_id: bytes, h: bytes, ciphertext: bytes) -> bytes:
-    """Full check (id, tag and plaintext hash); returns the plaintext."""
-    if not id_matches(chunk_id, ciphertext):
+def verify(
+    content_key: bytes, chunk_id: bytes, h: bytes, ciphertext: bytes, id_checked: bool = False
+) -> bytes:
+    """Full check (id, tag and plaintext hash); returns the plaintext.
+
+    ``id_checked``: the caller already matched the content to its id (a fetch does,
+    to skip a peer serving bad data), so it is not hashed a second time.
+    """
+    if not id_checked and not id_matches(chunk_id, ciphertext):
         raise CorruptChunk(f"chunk {chunk_id.hex()[:16]}: content does not match its id")
     plaintext = unseal(content_key, h, ciphertext, chunk_id)
     if hashlib.sha256(plaintext).digest() != h:

@@ -29,7 +29,7 @@ class ChunkSource(Protocol):
     """Where a chunk that is not stored here comes from (peers)."""
 
     async def fetch(self, chunk_id: bytes, h: bytes) -> bytes:
-        """Return the verified ciphertext of ``chunk_id`` or raise ``ChunkMissing``."""
+        """Return ciphertext already matched to ``chunk_id``, or raise ``ChunkMissing``."""
         ...
 
 
@@ -124,7 +124,7 @@ class ChunkIO:
 
     def _store_fetched(self, block: Block, ciphertext: bytes) -> bytes:
         assert block.chunk_id is not None and block.h is not None
-        plain = chunk_crypto.verify(self._key, block.chunk_id, block.h, ciphertext)
+        plain = chunk_crypto.verify(self._key, block.chunk_id, block.h, ciphertext, id_checked=True)
         self.store.delete(block.chunk_id)  # a corrupt local copy is replaced
         self.store.put(block.chunk_id, ciphertext)
         return plain

@@ -16,7 +16,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -121,6 +121,8 @@ class Filesystem:
         self.read_only = False
         self.kernel: KernelCache | None = None
         self.nursery: trio.Nursery | None = None  # background sealing; set by the node
+        # replication starts pushing a full chunk while the file is still being written
+        self.on_chunk_stored: Callable[[bytes, int], Awaitable[object]] | None = None
         self._seal_slots = trio.Semaphore(SEAL_AHEAD)
         # inodes a remote change moved off their path: a later commit on them is a
         # concurrent edit of that path and goes through the merge rules
@@ -491,21 +493,14 @@ class Filesystem:
         staging = self._staging.get(ino)
         if staging is not None and staging.modified:
             async with self._lock(ino):
-                return await self._read_range(ino, offset, size)
-        if offset == handle.next_offset or offset == 0:
-            self._read_ahead(ino, offset + size)
+                return await self._read_range(ino, offset, size, ahead=0)
+        sequential = offset in (handle.next_offset, 0)
         handle.next_offset = offset + size
-        return await self._read_range(ino, offset, size)
+        return await self._read_range(ino, offset, size, ahead=READ_AHEAD if sequential else 0)
 
-    def _read_ahead(self, ino: int, offset: int) -> None:
-        row = self.db.reader.by_ino(ino)
-        if row is None or row.bl is None or offset >= row.size:
-            return
-        first = offset // CHUNK_SIZE
-        blocks = self.db.reader.blocks(row.bl, first, first + READ_AHEAD - 1)
-        self.chunks.prefetch([blocks[i] for i in sorted(blocks)])
-
-    async def _read_range(self, ino: int, offset: int, size: int) -> bytes:
+    async def _read_range(self, ino: int, offset: int, size: int, ahead: int) -> bytes:
+        """Bytes of the file as this node sees it; ``ahead`` chunks past the range are
+        prefetched (loaded, decrypted, fetched from peers if missing) meanwhile."""
         row = self._row(ino)
         staging = self._staging.get(ino)
         live = staging is not None and staging.modified
@@ -514,7 +509,9 @@ class Filesystem:
         if offset >= end:
             return b""
         first, last = offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE
-        blocks = self.db.reader.blocks(row.bl, first, last)
+        blocks = self.db.reader.blocks(row.bl, first, last + ahead)
+        if ahead:
+            self.chunks.prefetch([blocks[i] for i in sorted(blocks) if i > last])
         parts = []
         for i in range(first, last + 1):
             length = min(CHUNK_SIZE, file_size - i * CHUNK_SIZE)
@@ -592,6 +589,8 @@ class Filesystem:
         result = None
         try:
             result = await self.chunks.seal_and_store(data)
+            if self.on_chunk_stored is not None:
+                await self.on_chunk_stored(result[0].chunk_id, result[1])  # type: ignore[arg-type]
         except OSError as exc:
             log.info("storing a written chunk failed (%s); retried at commit", exc)
         except Exception:

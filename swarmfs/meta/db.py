@@ -704,6 +704,13 @@ class Txn(Queries):
             (chunk_id, size, int(pinned), time.time()),
         )
 
+    def queue_push(self, chunk_id: bytes, size: int) -> None:
+        """A chunk of a file still being written: peers may have it before its record."""
+        self.conn.execute(
+            "INSERT OR IGNORE INTO push_queue(chunk_id, size, added) VALUES (?,?,?)",
+            (chunk_id, size, time.time()),
+        )
+
     def requeue_underreplicated(self, want: int) -> int:
         """Repair: queue chunks written here that fewer than ``want`` peers acknowledged."""
         return self.conn.execute(

@@ -21,6 +21,7 @@ class ChunkStore:
         self.root = root
         self._tmp = root / "tmp"
         self._tmp.mkdir(parents=True, exist_ok=True)
+        self._fanout: set[str] = set()  # "ab/cd" directories known to exist
 
     def path(self, chunk_id: bytes) -> Path:
         name = chunk_id.hex()
@@ -42,13 +43,17 @@ class ChunkStore:
         final = self.path(chunk_id)
         if final.exists():
             return False
+        fanout = chunk_id.hex()[:2] + "/" + chunk_id.hex()[2:4]
+        if fanout not in self._fanout:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self._fanout.add(fanout)
         tmp = self._tmp / f"{chunk_id.hex()[:16]}.{secrets.token_hex(6)}"
         try:
             with open(tmp, "wb") as f:
                 f.write(ciphertext)
             try:
                 os.replace(tmp, final)
-            except FileNotFoundError:
+            except FileNotFoundError:  # a fan-out directory removed behind our back
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(tmp, final)
         except BaseException:

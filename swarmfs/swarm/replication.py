@@ -119,7 +119,6 @@ class Replicator:
                 self._repair_wanted = False
                 want = self._wanted(list(peers))
                 await self.db.write(lambda t, w=want: t.requeue_underreplicated(w))
-            seq = self.db.reader.sequence()
             now = trio.current_time()
             batch = [
                 (c, n) for c, n in self.db.reader.push_batch(256)
@@ -129,7 +128,7 @@ class Replicator:
                 with trio.move_on_after(self._next_retry(now)):
                     async with trio.open_nursery() as waits:
                         wake = self._wait_then_cancel
-                        waits.start_soon(wake, self.db.wait_changed, seq, waits)
+                        waits.start_soon(wake, self.db.wait_write, None, waits)
                         waits.start_soon(wake, self._peer_change.wait, None, waits)
                 continue
             limiter = trio.Semaphore(PUSH_WINDOW)
