@@ -244,3 +244,19 @@ async def test_sync_survives_a_peer_that_stalls_without_disconnecting(tmp_path: 
             await eventually(lambda: has(b, b"after.txt", 13), "later records too")
             for i in (0, 1):
                 await cluster.stop(i)
+
+
+async def test_chunks_pushed_before_their_commit_leave_the_backlog(tmp_path: Path) -> None:
+    """Full chunks go out while the file is still open; the commit queues them again,
+    and the queue must notice they already reached their peers (it used to spin)."""
+    data = os.urandom(2 * CHUNK_SIZE)
+    with trio.fail_after(60):
+        async with running_nodes(tmp_path, 2) as (a, b):
+            await eventually(lambda: b.membership.connected_peers(), "a connection")
+            fh, _ = await a.fs.create(ROOT_INO, b"open.bin", 0o644, os.O_WRONLY, ME)
+            await a.fs.write(fh, 0, data)
+            await eventually(lambda: b.db.reader.chunk_bytes()[0] > len(data), "pushes to b")
+            await eventually(lambda: a.db.reader.backlog() == (0, 0), "the pushes acknowledged")
+            await a.fs.flush(fh)
+            await a.fs.release(fh)
+            await eventually(lambda: a.db.reader.backlog() == (0, 0), "an empty backlog")

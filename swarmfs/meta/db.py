@@ -704,6 +704,9 @@ class Txn(Queries):
             (chunk_id, size, int(pinned), time.time()),
         )
 
+    def unqueue(self, chunk_id: bytes) -> None:
+        self.conn.execute("DELETE FROM push_queue WHERE chunk_id=?", (chunk_id,))
+
     def queue_push(self, chunk_id: bytes, size: int) -> None:
         """A chunk of a file still being written: peers may have it before its record."""
         self.conn.execute(

@@ -153,10 +153,13 @@ class Replicator:
             holders = self.db.reader.holders(chunk_id)
             want = self._wanted(list(peers))
             done = len(holders & peers.keys())
+            if done >= want:  # queued again (by its commit) after it reached its peers
+                await self.db.write(lambda t: t.unqueue(chunk_id))
+                return
             try:
                 data = await trio.to_thread.run_sync(self.store.get, chunk_id)
             except ChunkMissing:  # superseded and deleted meanwhile
-                await self.db.write(lambda t: t.add_holder(chunk_id, "", done=True))
+                await self.db.write(lambda t: t.unqueue(chunk_id))
                 return
             for node_id in rank(chunk_id, peers):
                 if done >= want:
