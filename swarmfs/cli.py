@@ -575,7 +575,8 @@ def render_status(status: dict[str, Any]) -> RenderableType:
     cache = f"{human_bytes(status['bytes_cached'])} of {human_bytes(status['cache_limit'])}"
     summary.add_row("cached", cache)
     summary.add_row("backlog", _backlog_text(status["backlog"]))
-    peers = Table(title=f"{len(status['peers'])} peers", title_justify="left")
+    count = len(status["peers"])
+    peers = Table(title=f"{count} peer{'' if count == 1 else 's'}", title_justify="left")
     for column in ("id", "address", "connected", "last seen", "rtt"):
         peers.add_column(column)
     now = time.time()
