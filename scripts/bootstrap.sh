@@ -7,14 +7,14 @@
 set -euo pipefail
 
 usage() {
-    echo "usage: bash scripts/bootstrap.sh demo|test [ARGS...]" >&2
+    echo "usage: bash scripts/bootstrap.sh demo|test|bench [ARGS...]" >&2
     exit 2
 }
 
 [[ $# -ge 1 ]] || usage
 action=$1
 shift
-[[ $action == demo || $action == test ]] || usage
+[[ $action == demo || $action == test || $action == bench ]] || usage
 
 cd "$(dirname "$0")/.."
 
@@ -70,5 +70,8 @@ demo)
 test)
     .venv/bin/pytest -q "$@"
     .venv/bin/ruff check swarmfs tests
+    ;;
+bench)
+    exec .venv/bin/python contrib/bench/bench.py "$@"
     ;;
 esac
