@@ -62,10 +62,7 @@ class ChunkService:
             return Missing(chunk_id=msg.chunk_id)
         return Chunk(chunk_id=msg.chunk_id, data=data)
 
-    def _has_room(self, size: int) -> bool:
-        _, cached = self.db.reader.chunk_bytes()
-        if cached + size > self.cache_limit:
-            return False
+    def _disk_has_room(self, size: int) -> bool:
         return shutil.disk_usage(self.store.root).free > size + DISK_RESERVE
 
     async def on_chunk_put(self, conn: PeerConnection, msg: Message) -> Message:
@@ -74,7 +71,9 @@ class ChunkService:
             log.warning("peer %s pushed chunk %s whose content does not match its id",
                         conn, msg.chunk_id.hex()[:16])  # fmt: skip
             return Error(code=BAD_CHUNK, text="content does not match the chunk id")
-        if not await trio.to_thread.run_sync(self._has_room, len(msg.data)):
+        _, cached = self.db.reader.chunk_bytes()  # the reader connection is the loop's own
+        room = await trio.to_thread.run_sync(self._disk_has_room, len(msg.data))
+        if not room or cached + len(msg.data) > self.cache_limit:
             return Error(code=NO_SPACE, text="no space for replicas")
         try:
             await trio.to_thread.run_sync(self.store.put, msg.chunk_id, msg.data)
