@@ -15,10 +15,11 @@ from typing import Any
 
 import trio
 
-from swarmfs import control
+from swarmfs import control, fsck, trash
 from swarmfs.config import Config
 from swarmfs.crypto.keys import derive_key
 from swarmfs.datadir import DataDir
+from swarmfs.errors import UserError
 from swarmfs.fs.content import ChunkIO
 from swarmfs.fs.namespace import Filesystem
 from swarmfs.fuse import mount
@@ -149,15 +150,10 @@ class Node:
         return {"ok": True, "backlog": self.status()["backlog"]}
 
     async def _handle_trash_list(self, request: dict[str, Any]) -> dict[str, Any]:
-        from swarmfs import trash
-
         return {"entries": [e.as_json() for e in trash.entries(self.db.reader)]}
 
     async def _handle_trash_restore(self, request: dict[str, Any]) -> dict[str, Any]:
         """A user error comes back as ``user_error``: it is no failure of the node's."""
-        from swarmfs import trash
-        from swarmfs.errors import UserError
-
         try:
             changes = await self.db.write(trash.restore_fn(os.fsencode(request["path"])))
         except UserError as exc:
@@ -166,8 +162,6 @@ class Node:
         return {"restored": request["path"]}
 
     async def _handle_fsck(self, request: dict[str, Any]) -> dict[str, Any]:
-        from swarmfs import fsck
-
         key = derive_key(self.data_dir.swarm_key(), "content")
         repair = bool(request.get("repair"))
         report = await trio.to_thread.run_sync(
