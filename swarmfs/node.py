@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,7 @@ class Node:
         if self.db.push_new_chunks:
             self.fs.on_chunk_stored = self._queue_push
         self.gc = GarbageCollector(self.db, self.store, config.cache_size, config.trash_retention)
+        self.gc.before_collect = self.fs.sweep_detached
         for msg_type, handler in (
             ("index_since", self.sync.on_index_since),
             ("announce", self.sync.on_announce),
@@ -169,6 +171,19 @@ class Node:
         )
         return report.as_json()
 
+    async def _supervise(self, name: str, service: Callable[[], Awaitable[None]]) -> None:
+        """A background service that raises is logged and restarted with backoff; it never
+        takes the node (and its FUSE mount) down (DESIGN.md §2)."""
+        backoff = 1.0
+        while True:
+            try:
+                await service()
+                return
+            except Exception:
+                log.exception("%s failed; restarting it in %g s", name, backoff)
+            await trio.sleep(backoff)  # backoff before a restart
+            backoff = min(backoff * 2, 60.0)
+
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
@@ -202,9 +217,12 @@ class Node:
                     nursery.start_soon(self._watch_signals)
                 self.chunks.nursery = self.fs.nursery = nursery
                 await nursery.start(self.membership.run)
-                await nursery.start(self.sync.run)
-                await nursery.start(self.replicator.run)
-                await nursery.start(self.gc.run)
+                for name, service in (
+                    ("index sync", self.sync.run),
+                    ("replication", self.replicator.run),
+                    ("garbage collection", self.gc.run),
+                ):
+                    nursery.start_soon(self._supervise, name, service)
                 if self.mountpoint is not None:
                     options = mount.fuse_options(self.data_dir.path, self.config.fuse_options)
                     mount.init(Operations(self.fs), self.mountpoint, options)

@@ -260,3 +260,38 @@ async def test_chunks_pushed_before_their_commit_leave_the_backlog(tmp_path: Pat
             await a.fs.flush(fh)
             await a.fs.release(fh)
             await eventually(lambda: a.db.reader.backlog() == (0, 0), "an empty backlog")
+
+
+async def test_every_save_of_a_file_changed_remotely_while_open_survives(tmp_path: Path) -> None:
+    """An open file replaced by a peer is offered back on each commit; the second save
+    used to repeat the first one's version and vanish in the merge."""
+    with trio.fail_after(60):
+        async with running_nodes(tmp_path, 2) as (a, b):
+            await eventually(lambda: b.membership.connected_peers(), "a connection")
+            await write_file(a, b"shared.txt", b"v0")
+            await eventually(lambda: has(b, b"shared.txt", 2), "v0 on b")
+            attr = await b.fs.lookup(ROOT_INO, b"shared.txt")
+            fh = await b.fs.open(attr.ino, os.O_RDWR)
+            await write_file(a, b"shared.txt", b"remote edit")
+            await eventually(lambda: has(b, b"shared.txt", 11), "the remote edit on b")
+            for content in (b"first local save", b"second local save!"):
+                await b.fs.write(fh, 0, content)
+                await b.fs.flush(fh)
+
+            def contents(node: Node) -> set[bytes]:
+                return {r.name for r in node.db.reader.children(b"", 0, 100)}
+
+            async def all_content(node: Node) -> set[bytes]:
+                return {await read_file(node, name) for name in contents(node)}
+
+            for node in (a, b):
+                await eventually(
+                    lambda n=node: any(
+                        r.size == len(b"second local save!")
+                        for r in n.db.reader.children(b"", 0, 100)
+                    ),
+                    "the second save everywhere",
+                )
+                found = await all_content(node)
+                assert b"second local save!" in found and b"remote edit" in found
+            await b.fs.release(fh)

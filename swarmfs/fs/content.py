@@ -66,24 +66,26 @@ class ChunkIO:
         """The plaintext of a block (``block.length`` bytes; a hole is empty)."""
         if block.chunk_id is None or block.h is None:
             return b""
+        cid = block.chunk_id
         while True:
-            cached = self._plain.get(block.chunk_id)
+            cached = self._plain.get(cid)
             if cached is not None:
-                self._plain.move_to_end(block.chunk_id)
+                self._plain.move_to_end(cid)
                 return cached
-            pending = self._inflight.get(block.chunk_id)
+            pending = self._inflight.get(cid)
             if pending is None:
                 break
-            await pending.wait()  # a read-ahead is loading it; it may not fit the cache
-            if block.chunk_id not in self._plain:
+            await pending.wait()  # a read-ahead loads it; look again (it may not be cached)
+            if cid not in self._plain and cid not in self._inflight:
                 break
-        done = self._inflight[block.chunk_id] = trio.Event()
+        done = self._inflight[cid] = trio.Event()
         try:
             plain = await self._load_or_fetch(block)
         finally:
-            del self._inflight[block.chunk_id]
+            if self._inflight.get(cid) is done:
+                del self._inflight[cid]
             done.set()
-        self._remember(block.chunk_id, plain)
+        self._remember(cid, plain)
         return plain
 
     async def _load_or_fetch(self, block: Block) -> bytes:
@@ -114,8 +116,10 @@ class ChunkIO:
         async with self._prefetch_slots:
             try:
                 await self.read(block)
-            except (ChunkMissing, CorruptChunk) as exc:
+            except (ChunkMissing, CorruptChunk, OSError) as exc:
                 log.debug("read-ahead of a chunk failed: %s", exc)  # the read itself reports it
+            except Exception:  # runs in the node's nursery: never take the node down
+                log.exception("read-ahead of a chunk failed")
 
     def _load(self, block: Block) -> bytes:
         assert block.chunk_id is not None and block.h is not None

@@ -711,7 +711,7 @@ class Filesystem:
         )
 
         def txn(t: Txn) -> list[tuple[bytes, bytes, int | None, bool]]:
-            t.apply_remote(rec)
+            t.offer_displaced(hidden.rid, rec)
             return t.invalidations
 
         await self.remote_applied(await self.db.write(txn))
@@ -729,13 +729,14 @@ class Filesystem:
         return set(self._lookups) | {h.ino for h in self._handles.values()}
 
     async def remote_applied(self, changes: list[tuple[bytes, bytes, int | None, bool]]) -> None:
-        """Records from peers were applied: drop what the kernel cached about them."""
-        if self.kernel is None:
-            return
+        """Records from peers were applied: note open inodes they displaced, and drop
+        what the kernel cached about them."""
         known = self.known_inodes()
         for parent_path, name, old_ino, same_content in changes:
             if old_ino in known and not same_content:
                 self._displaced[old_ino] = join(parent_path, name)
+            if self.kernel is None:
+                continue
             parent = self.db.reader.by_path(parent_path)
             parent_ino = self.db.reader.ino_of(parent.rid) if parent is not None else None
             if same_content and old_ino is not None:

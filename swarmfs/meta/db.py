@@ -280,6 +280,14 @@ class Queries:
     def known_peers(self) -> list[tuple[str, str, float | None]]:
         return self.conn.execute("SELECT node_id, address, last_seen FROM peers").fetchall()
 
+    def hidden_inodes(self) -> list[int]:
+        return [
+            i
+            for (i,) in self.conn.execute(
+                "SELECT ino FROM inodes WHERE rid IN (SELECT rid FROM records WHERE hidden=1)"
+            )
+        ]
+
     def push_batch(self, limit: int) -> list[tuple[bytes, int]]:
         rows = self.conn.execute(
             "SELECT chunk_id, size FROM push_queue ORDER BY added LIMIT ?", (limit,)
@@ -747,6 +755,19 @@ class Txn(Queries):
         if res.conflict is not None:
             self.apply_remote(res.conflict)
 
+    def offer_displaced(self, hidden_rid: int, rec: Record) -> None:
+        """A detached inode written here is offered to its old path as a concurrent edit.
+
+        Its hidden row then takes the version the next offer must build on: the
+        path's merged version if this content won (later saves dominate it), else
+        the offered one (a later save is concurrent again, so nothing is lost).
+        """
+        self.apply_remote(rec)
+        now = self.by_path(rec.path)
+        won = now is not None and not now.deleted and self.all_blocks(now.bl) == _trim(rec.blocks)
+        base = now.version if won and now is not None else rec.version
+        self._set(hidden_rid, version=_vv(base))
+
     def _store(self, row: Row | None, rec: Record) -> None:
         now = now_ns()
         if not rec.deleted and not self._ensure_parents(rec, now):
@@ -886,14 +907,6 @@ class Txn(Queries):
                 cached -= size
             self.conn.executemany("DELETE FROM chunks WHERE chunk_id=?", [(c,) for c in evict])
         return gone + evict
-
-    def hidden_inodes(self) -> list[int]:
-        return [
-            i
-            for (i,) in self.conn.execute(
-                "SELECT ino FROM inodes WHERE rid IN (SELECT rid FROM records WHERE hidden=1)"
-            )
-        ]
 
     def drop_hidden(self) -> list[bytes]:
         """At start-up no inode is open: remove every detached copy."""
