@@ -461,6 +461,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
         raise UserError(
             f"the node (pid {pid}) had not exited {SHUTDOWN_GRACE:g} s after unmounting"
         )
+    for failure in reply.get("uncommitted") or []:
+        print(f"swarmfs: error: an open file could not be committed: {failure}", file=sys.stderr)
     backlog = reply.get("backlog") or {}
     if backlog.get("chunks") or backlog.get("records"):
         print(
@@ -468,7 +470,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
             " they will be sent when this node runs again",
             file=sys.stderr,
         )
-    return 0
+    return 1 if reply.get("uncommitted") else 0
 
 
 def _shutdown_with_progress(data_dir: DataDir, wait: float) -> dict[str, Any]:

@@ -142,14 +142,18 @@ class Node:
 
     async def _handle_shutdown(self, request: dict[str, Any]) -> dict[str, Any]:
         """Commit open files, wait (bounded) for new chunks to reach a connected peer, stop."""
-        await self.fs.commit_all()
+        uncommitted = await self.fs.commit_all()
         wait = request.get("wait", 10.0)
         if isinstance(wait, int | float) and wait > 0:
             with trio.move_on_after(wait):
                 while self.db.reader.unreplicated() and self.membership.connected_peers():
                     await self.db.wait_write()
         self._shutdown.set()
-        return {"ok": True, "backlog": self.status()["backlog"]}
+        return {
+            "ok": not uncommitted,
+            "uncommitted": uncommitted,
+            "backlog": self.status()["backlog"],
+        }
 
     async def _handle_trash_list(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"entries": [e.as_json() for e in trash.entries(self.db.reader)]}
@@ -200,6 +204,7 @@ class Node:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         mounted = False
+        invalidator = Invalidator()
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(
@@ -227,7 +232,6 @@ class Node:
                     options = mount.fuse_options(self.data_dir.path, self.config.fuse_options)
                     mount.init(Operations(self.fs), self.mountpoint, options)
                     mounted = True
-                    invalidator = Invalidator()
                     self.fs.kernel = invalidator
                     nursery.start_soon(self._run_fuse)
                     await trio.to_thread.run_sync(os.stat, self.mountpoint)
@@ -236,11 +240,15 @@ class Node:
                 await self._shutdown.wait()
                 await self.fs.commit_all()
                 if mounted:
-                    invalidator.stop()
+                    # the thread may be inside an invalidation that needs this loop to answer
                     self.fs.kernel = None
+                    await trio.to_thread.run_sync(invalidator.stop)
                     mount.terminate()
                 nursery.cancel_scope.cancel()
         finally:
+            self.fs.kernel = None
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(invalidator.stop)  # before pyfuse3.close()
             if mounted:
                 mount.close(unmount=True)
             self.db.close()
@@ -280,6 +288,12 @@ def offline_status(data_dir: DataDir, config: Config) -> dict[str, Any]:
         try:
             status["files"] = q.count_files()
             status["bytes_stored"], status["bytes_cached"] = q.chunk_bytes()
+            chunks, size = q.backlog()
+            status["backlog"] = {"chunks": chunks, "bytes": size, "records": 0}
+            status["peers"] = [
+                {"id": n, "address": a, "connected": False, "last_seen": t, "rtt_ms": None}
+                for n, a, t in q.known_peers()
+            ]
         finally:
             q.conn.close()
     return status

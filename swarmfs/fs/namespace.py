@@ -554,6 +554,9 @@ class Filesystem:
         async with self._lock(ino):
             row = self._row(ino)
             staging = self._staging_for(ino, row)
+            if staging.seal_error is not None:  # e.g. ENOSPC: the writer learns at once
+                error, staging.seal_error = staging.seal_error, None
+                raise error
             if handle.append:
                 offset = staging.size
             pos = 0
@@ -586,18 +589,19 @@ class Filesystem:
         self.nursery.start_soon(self._seal_task, staging, index, data)
 
     async def _seal_task(self, staging: Staging, index: int, data: bytes) -> None:
-        result = None
+        result, error = None, None
         try:
             result = await self.chunks.seal_and_store(data)
             if self.on_chunk_stored is not None:
                 await self.on_chunk_stored(result[0].chunk_id, result[1])  # type: ignore[arg-type]
         except OSError as exc:
-            log.info("storing a written chunk failed (%s); retried at commit", exc)
+            log.warning("storing a written chunk of %s failed: %s", staging.path.name, exc)
+            error = exc
         except Exception:
             log.exception("storing a written chunk failed; retried at commit")
         finally:
             self._seal_slots.release()
-            staging.seal_finished(index, data, result)
+            staging.seal_finished(index, data, result, error)
 
     async def _truncate(self, ino: int, row: Row, size: int) -> None:
         """Stage a truncate (lock held); a stored chunk cut in the middle becomes staged data."""
@@ -692,7 +696,10 @@ class Filesystem:
         gone = await self.db.write(txn)
         self._unsynced.setdefault(ino, set()).update(c for c, _ in new_chunks)
         staging.reset(size)
-        await self.chunks.delete(gone)
+        try:  # committed: a failing clean-up must not make close() report an error
+            await self.chunks.delete(gone)
+        except OSError as exc:
+            log.warning("removing superseded chunks failed (GC retries): %s", exc)
         if ino in self._displaced:
             await self._commit_displaced(ino, self._displaced[ino])
 
@@ -751,7 +758,14 @@ class Filesystem:
     async def statfs(self) -> os.statvfs_result:
         return await trio.to_thread.run_sync(os.statvfs, self.staging_dir)
 
-    async def commit_all(self) -> None:
-        """Commit every inode with staged writes (shutdown)."""
+    async def commit_all(self) -> list[str]:
+        """Commit every inode with staged writes (shutdown); one failure stops no other.
+        Returns what could not be committed."""
+        failed = []
         for ino in list(self._staging):
-            await self._commit(ino)
+            try:
+                await self._commit(ino)
+            except Exception as exc:
+                log.error("committing inode %d at shutdown failed: %s", ino, exc)
+                failed.append(f"inode {ino}: {exc}")
+        return failed

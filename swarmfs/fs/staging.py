@@ -64,6 +64,7 @@ class Staging:
         self.pending: dict[int, Block] = {}
         self.sealing: dict[int, bytes] = {}  # full chunks written, not stored yet
         self.inflight: set[int] = set()  # of those, the ones a background task is sealing
+        self.seal_error: OSError | None = None  # reported to the writer's next write
         self._sealed = trio.Event()
         self.new_chunks: list[tuple[bytes, int]] = []  # (id, ciphertext size) stored, uncommitted
         self.dirty: dict[int, DirtyChunk] = {}
@@ -109,9 +110,17 @@ class Staging:
             return bytes(chunk.buf)
         return await trio.to_thread.run_sync(self._file_read, index, 0, CHUNK_SIZE)
 
-    def seal_finished(self, index: int, data: bytes, result: tuple[Block, int] | None) -> None:
-        """A background seal ended; ``result`` None means it failed and is retried at commit."""
+    def seal_finished(
+        self,
+        index: int,
+        data: bytes,
+        result: tuple[Block, int] | None,
+        error: OSError | None = None,
+    ) -> None:
+        """A background seal ended; with no ``result`` it failed, and is retried at commit."""
         self.inflight.discard(index)
+        if error is not None:
+            self.seal_error = error
         if result is not None:
             block, csize = result
             assert block.chunk_id is not None

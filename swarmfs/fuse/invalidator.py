@@ -33,8 +33,11 @@ class Invalidator:
         self._queue.put(("inode", ino, attr_only))
 
     def stop(self) -> None:
-        self._queue.put(_STOP)
-        self._thread.join(timeout=10)
+        """Finish what is queued and end the thread (blocking: call it from a worker thread).
+        Safe to call twice."""
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join()
 
     def _run(self) -> None:
         while True:

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import trio
 
+from swarmfs import CHUNK_SIZE
 from swarmfs.errors import ChunkMissing, CorruptChunk
 from swarmfs.meta.db import Database, Row
 from swarmfs.meta.records import Block, Record
@@ -60,10 +61,6 @@ class ManifestStore(Protocol):
     async def seal_and_store(self, plaintext: bytes) -> tuple[Block, int]: ...
 
     async def read(self, block: Block) -> bytes: ...
-
-
-def _estimate(rec: Record) -> int:
-    return 200 + len(rec.path) + len(rec.target) + 80 * min(len(rec.blocks), INLINE_BLOCKS)
 
 
 class IndexSync:
@@ -110,7 +107,9 @@ class IndexSync:
         rows = self.db.reader.changes_since(since, PAGE_RECORDS)
         total, page = 0, []
         for row in rows:
-            total += 200 + len(row.path) + 80 * min(row.size // (1 << 20) + 1, INLINE_BLOCKS)
+            blocks = min(row.size // CHUNK_SIZE + 1, INLINE_BLOCKS)
+            total += 200 + len(row.path) + len(row.target) + 40 * len(row.version.counters)
+            total += 80 * blocks
             if page and total > PAGE_BYTES:
                 return page, True
             page.append(row)
@@ -228,8 +227,10 @@ class IndexSync:
                         log.info("index sync with %s stopped: %s", conn, exc)
                         return
                     log.warning("index sync with %s stalled (%s); retrying", conn, exc)
-                    await trio.sleep(backoff)  # backoff before asking again
-                    backoff = min(backoff * 2, 60.0)
+                except Exception:  # e.g. a database error: retry, never leave the peer behind
+                    log.exception("index sync with %s failed; retrying", conn)
+                await trio.sleep(backoff)  # backoff before asking again
+                backoff = min(backoff * 2, 60.0)
         finally:
             if self._inbox.get(conn.peer_id) is send:
                 del self._inbox[conn.peer_id]

@@ -283,7 +283,11 @@ class PeerConnection:
     async def _serve_request(self, msg: Request | UnknownRequest) -> None:
         try:
             reply = await self._answer(msg)
-            await self.send(replace(reply, id=msg.id))
+            try:
+                await self.send(replace(reply, id=msg.id))
+            except ValueError as exc:  # a reply too large for a frame: a bug of ours
+                log.error("%s: reply to %s could not be sent: %s", self, msg.TYPE, exc)
+                await self.send(Error(id=msg.id, code=INTERNAL, text="reply too large"))
         except ProtocolError as exc:
             self._abort(f"protocol error: {exc}", logging.WARNING)
         except PeerUnavailable:
