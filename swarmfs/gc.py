@@ -35,13 +35,16 @@ class GarbageCollector:
         self.trash_retention = trash_retention
         self.before_collect: Callable[[], Awaitable[object]] | None = None
         """Frees what only the filesystem knows is unused (detached inodes)."""
+        self.in_use: Callable[[], frozenset[bytes]] = frozenset
+        """Chunks staged for uncommitted writes: unreferenced in the database, yet kept."""
 
     async def collect(self) -> int:
         if self.before_collect is not None:
             await self.before_collect()
         now = time.time()
         gone = await self.db.write(lambda t: t.expire_trash(now - self.trash_retention))
-        gone += await self.db.write(lambda t: t.reclaim(now - GRACE, self.cache_limit))
+        keep = self.in_use()
+        gone += await self.db.write(lambda t: t.reclaim(now - GRACE, self.cache_limit, keep))
         if gone:
             await trio.to_thread.run_sync(lambda: [self.store.delete(c) for c in gone])
             log.info("garbage collection removed %d chunks", len(gone))

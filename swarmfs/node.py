@@ -98,6 +98,7 @@ class Node:
             self.fs.on_chunk_stored = self._queue_push
         self.gc = GarbageCollector(self.db, self.store, config.cache_size, config.trash_retention)
         self.gc.before_collect = self.fs.sweep_detached
+        self.gc.in_use = self.fs.staged_chunk_ids
         for msg_type, handler in (
             ("index_since", self.sync.on_index_since),
             ("announce", self.sync.on_announce),

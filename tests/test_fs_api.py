@@ -702,3 +702,23 @@ async def test_concurrent_writers_to_one_inode_are_serialised(h: Harness) -> Non
         await h.fs.flush(fh)
         await h.fs.release(fh)
     assert await h.cat(ino) == b"".join(pieces[i] for i in range(40))
+
+
+async def test_a_chunk_rewritten_before_the_commit_is_neither_kept_nor_pushed(
+    tmp_path: Path,
+) -> None:
+    """A full chunk is stored as soon as it fills; rewritten before close, it was still
+    inventoried and queued for peers (garbage on every replica)."""
+    db = Database(tmp_path / "db", "n" * 26)
+    store = ChunkStore(tmp_path / "chunks")
+    fs = Filesystem(db, ChunkIO(store, bytes(32)), tmp_path)
+    first, second = os.urandom(CHUNK_SIZE), os.urandom(CHUNK_SIZE)
+    fh, _ = await fs.create(ROOT_INO, b"f", 0o644, os.O_WRONLY, Caller())
+    await fs.write(fh, 0, first)
+    await fs.write(fh, 0, second)
+    await fs.flush(fh)
+    await fs.release(fh)
+    stored = set(store.ids())
+    assert len(stored) == 1, "only the chunk the committed version uses is on disk"
+    queued = {c for c, _ in db.reader.push_batch(10)}
+    assert queued == stored

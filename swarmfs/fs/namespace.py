@@ -234,7 +234,7 @@ class Filesystem:
             self._drop_staging(ino)
             self._displaced.pop(ino, None)
             gone = await self.db.write(lambda t: t.forget_hidden(ino))
-            await self.chunks.delete(gone)
+            await self._delete_chunks(gone)
         except Exception:
             log.exception("freeing detached inode %d failed", ino)
 
@@ -697,7 +697,7 @@ class Filesystem:
         self._unsynced.setdefault(ino, set()).update(c for c, _ in new_chunks)
         staging.reset(size)
         try:  # committed: a failing clean-up must not make close() report an error
-            await self.chunks.delete(gone)
+            await self._delete_chunks(gone)
         except OSError as exc:
             log.warning("removing superseded chunks failed (GC retries): %s", exc)
         if ino in self._displaced:
@@ -730,6 +730,18 @@ class Filesystem:
         for ino in self.db.reader.hidden_inodes():
             if ino not in known:
                 await self._free_if_detached(ino)
+
+    def staged_chunk_ids(self) -> frozenset[bytes]:
+        """Chunks stored for writes not committed yet: equal content gives equal ids, so
+        one of these may look unreferenced to a commit or to GC, yet must stay."""
+        ids: set[bytes] = set()
+        for staging in self._staging.values():
+            ids.update(b.chunk_id for b in staging.pending.values() if b.chunk_id)
+            ids.update(c for c, _ in staging.new_chunks)
+        return frozenset(ids)
+
+    async def _delete_chunks(self, chunk_ids: list[bytes]) -> None:
+        await self.chunks.delete([c for c in chunk_ids if c not in self.staged_chunk_ids()])
 
     def known_inodes(self) -> set[int]:
         """Inodes the kernel holds references to (lookups or open handles)."""

@@ -562,7 +562,8 @@ class Txn(Queries):
 
         Committed blocks from index ``keep`` on are dropped (truncated away), then
         ``changed`` blocks below ``chunk_count`` (the new size's slot count) are
-        written. ``new_chunks`` are (id, ciphertext size) just stored here.
+        written. ``new_chunks`` are (id, ciphertext size) stored since the last
+        commit; those the version does not use were superseded and are dropped.
         """
         row = self.by_rid(rid)
         assert row is not None
@@ -581,7 +582,9 @@ class Txn(Queries):
             [(bl, i, b.chunk_id, b.h, b.length) for i, b in changed.items() if i < chunk_count],
         )
         t = time.time()
-        new_chunks = list(new_chunks)
+        used = {b.chunk_id for i, b in changed.items() if i < chunk_count}
+        stale = {c for c, _ in new_chunks if c not in used}  # superseded before this commit
+        new_chunks = [(c, n) for c, n in new_chunks if c in used]
         self.conn.executemany(
             "INSERT INTO chunks(chunk_id, size, pinned, last_used) VALUES (?,?,2,?)"
             " ON CONFLICT(chunk_id) DO UPDATE SET pinned=2",
@@ -596,7 +599,7 @@ class Txn(Queries):
         if not row.hidden:
             cols.update(self._local_change(row.version))
         self._set(rid, **cols)
-        return self.drop_unreferenced(old_ids)
+        return self.drop_unreferenced(old_ids | stale)
 
     def drop_unreferenced(self, chunk_ids: Iterable[bytes]) -> list[bytes]:
         """Forget inventory rows of chunks no block list references; returns them for deletion."""
@@ -882,7 +885,9 @@ class Txn(Queries):
             gone += self.drop_blocklist_if_unused(bl)
         return gone
 
-    def reclaim(self, grace_before: float, cache_limit: int) -> list[bytes]:
+    def reclaim(
+        self, grace_before: float, cache_limit: int, keep: frozenset[bytes] = frozenset()
+    ) -> list[bytes]:
         """Chunks to delete: unreferenced past the grace period, then cached ones LRU
         while the cache is over its limit. Referenced = in any block list (live
         records, the trash, detached inodes still open)."""
@@ -894,7 +899,7 @@ class Txn(Queries):
                 (grace_before,),
             )
         ]
-        gone = self.drop_unreferenced(unreferenced)
+        gone = self.drop_unreferenced(c for c in unreferenced if c not in keep)
         _, cached = self.chunk_bytes()
         evict: list[bytes] = []
         if cached > cache_limit:
