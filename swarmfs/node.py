@@ -117,6 +117,11 @@ class Node:
         self.replicator.peer_changed()
         await self.sync.follow(conn)
 
+    def _record_backlog(self) -> int:
+        """Changes not yet sent to any peer; none when no peer is known (nobody to tell,
+        and a peer that appears pulls everything anyway)."""
+        return self.sync.backlog() if self.membership.peers() else 0
+
     def status(self) -> dict[str, Any]:
         stored, cached = self.db.reader.chunk_bytes()
         backlog_chunks, backlog_bytes = self.db.reader.backlog()
@@ -133,7 +138,7 @@ class Node:
             "backlog": {
                 "chunks": backlog_chunks,
                 "bytes": backlog_bytes,
-                "records": self.sync.backlog(),
+                "records": self._record_backlog(),
             },
             "mountpoint": str(self.mountpoint) if self.mountpoint else None,
         }
