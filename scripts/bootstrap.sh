@@ -19,7 +19,7 @@ shift
 cd "$(dirname "$0")/.."
 
 # pyfuse3 ships as source: building it needs gcc, Python headers, pkg-config and libfuse3-dev.
-packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv rsync git sqlite3)
+packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv rsync git sqlite3 iproute2 nftables)
 
 missing_packages() {
     local package

@@ -1,0 +1,202 @@
+"""Load: 8 writers and 8 readers on 3 nodes at once, then every tree byte-identical.
+
+Each writer owns a directory and keeps rewriting (and now and then deleting)
+a dozen files in it through one node's mount; each reader keeps reading
+whatever it finds, through another node. Every file carries a header with the
+SHA-256 of its body, so a reader can tell a torn or wrong read from a merely
+older version (an empty file is the version ``open(O_CREAT)`` committed).
+Afterwards every node's tree must equal the writers' final state, and no
+node's peak memory (VmHWM) may exceed 300 MiB. CI: 30 s; the full run: 2 min.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from faultkit import FULL, MiB, assert_sound, proc_memory
+from netns import FaultNode, FaultSwarm, loopback_swarm
+from swarm_harness import eventually, tree_digests
+
+pytestmark = [pytest.mark.mounted, pytest.mark.slow]
+
+DURATION = float(os.environ.get("SWARMFS_LOAD_SECONDS", 120.0 if FULL else 30.0))
+WRITERS = READERS = 8
+FILES_PER_WRITER = 12
+SIZES = (0, 100, 4096, 65_536, 300_000, MiB + 7, 2 * MiB)
+HWM_BUDGET_KIB = 300 * 1024
+_HEADER = struct.Struct(">4sI32s")
+
+
+def content(rng: random.Random, size: int) -> bytes:
+    body = rng.randbytes(size)
+    return _HEADER.pack(b"SWLD", size, hashlib.sha256(body).digest()) + body
+
+
+def well_formed(data: bytes) -> bool:
+    if not data:
+        return True
+    magic, size, want = _HEADER.unpack_from(data)
+    body = data[_HEADER.size :]
+    return magic == b"SWLD" and size == len(body) and hashlib.sha256(body).digest() == want
+
+
+def describe(data: bytes) -> str:
+    """What a malformed read looks like: its length against the length its header claims."""
+    if len(data) < _HEADER.size:
+        return f"{len(data)} bytes, shorter than a header"
+    magic, size, _ = _HEADER.unpack_from(data)
+    return f"{len(data)} bytes read, header {magic!r} says {size + _HEADER.size}"
+
+
+@pytest.fixture
+def swarm(tmp_path: Path) -> Iterator[FaultSwarm]:
+    with loopback_swarm(tmp_path) as nodes:
+        yield nodes
+
+
+class Worker(threading.Thread):
+    def __init__(self, name: str) -> None:
+        super().__init__(daemon=True, name=name)
+        self.stop = threading.Event()
+        self.ops = 0
+        self.problems: list[str] = []
+
+
+class Writer(Worker):
+    def __init__(self, node: FaultNode, index: int) -> None:
+        super().__init__(f"writer {index} on {node.name}")
+        self.dir = node.mnt / f"w{index}"
+        self.rng = random.Random(index)
+        self.final: dict[str, bytes | None] = {}
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            name = f"f{self.rng.randrange(FILES_PER_WRITER)}"
+            path = self.dir / name
+            try:
+                if self.rng.random() < 0.1 and self.final.get(name) is not None:
+                    path.unlink()
+                    self.final[name] = None
+                else:
+                    data = content(self.rng, self.rng.choice(SIZES))
+                    path.write_bytes(data)
+                    self.final[name] = data
+            except OSError as exc:
+                self.problems.append(f"{self.name}: {name}: {exc!r}")
+                return
+            self.ops += 1
+
+
+class Reader(Worker):
+    def __init__(self, node: FaultNode, index: int) -> None:
+        super().__init__(f"reader {index} on {node.name}")
+        self.root = node.mnt
+        self.rng = random.Random(1000 + index)
+        self.bytes = 0
+        self.eio = 0
+        self.torn: list[str] = []
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            d = self.root / f"w{self.rng.randrange(WRITERS)}"
+            try:
+                names = os.listdir(d)
+                if not names:
+                    continue
+                data = (d / self.rng.choice(names)).read_bytes()
+            except FileNotFoundError:
+                continue  # deleted between listing and reading: fine
+            except OSError as exc:
+                if exc.errno == errno.EIO:
+                    # a version whose chunks were superseded and deleted before they were
+                    # pushed (reported as a bug); counted, and the load goes on
+                    self.eio += 1
+                    continue
+                self.problems.append(f"{self.name}: {exc!r}")
+                return
+            if not well_formed(data):
+                self.torn.append(f"{self.name}: torn or wrong content in {d}: {describe(data)}")
+                continue
+            self.ops += 1
+            self.bytes += len(data)
+
+
+class TornRead(AssertionError):
+    """A reader got bytes that are no version of the file (checked last)."""
+
+
+@pytest.mark.xfail(
+    strict=False,  # a race: about every other 30 s run shows it
+    raises=TornRead,
+    reason="bug: a reader on one node of a file being rewritten on another (open O_TRUNC, "
+    "write, close) sometimes gets a short read without an error: 131072 bytes of a "
+    "1048623-byte version (the read after the first 128 KiB request returns 0 bytes)",
+)
+def test_eight_writers_eight_readers_three_nodes(swarm: FaultSwarm) -> None:
+    nodes = swarm.start(3)
+    for node in nodes:
+        node.expect_log(r"no peer could provide it|is on no reachable peer")
+    writers = [Writer(nodes[i % 3], i) for i in range(WRITERS)]
+    for w in writers:
+        w.dir.mkdir()
+    readers = [Reader(nodes[(i + 1) % 3], i) for i in range(READERS)]
+    workers: list[Worker] = [*writers, *readers]
+    started = time.monotonic()
+    for w in workers:
+        w.start()
+    peak: dict[str, int] = {}
+    while time.monotonic() - started < DURATION and all(w.is_alive() for w in workers):
+        for node in nodes:  # sample memory while the load runs (VmHWM keeps the peak anyway)
+            peak[node.name] = proc_memory(node.pid or -1)["VmHWM"]
+        time.sleep(1)  # the sampling period of the memory probe, not a synchronisation
+    for w in workers:
+        w.stop.set()
+    for w in workers:
+        w.join(120)
+        assert not w.is_alive(), f"{w.name} is stuck"
+    problems = [p for w in workers for p in w.problems]
+    assert not problems, problems
+
+    expected = {f"w{i}": ("dir",) for i in range(WRITERS)}
+    for i, w in enumerate(writers):
+        for name, data in w.final.items():
+            if data is not None:
+                expected[f"w{i}/{name}"] = (
+                    "file",
+                    str(len(data)),
+                    hashlib.sha256(data).hexdigest(),
+                )
+
+    def converged() -> bool:
+        for node in nodes:
+            tree = tree_digests(node.mnt)
+            diff = sorted(set(tree.items()) ^ set(expected.items()))[:4]
+            assert tree == expected, f"{node.name} differs: {diff}"
+        return True
+
+    eventually(converged, 120, "every node to hold the writers' final tree")
+    for node in nodes:
+        peak[node.name] = proc_memory(node.pid or -1)["VmHWM"]
+    writes = sum(w.ops for w in writers)
+    reads = sum(r.ops for r in readers)
+    read_mib = sum(r.bytes for r in readers) / MiB
+    eio = sum(r.eio for r in readers)
+    print(
+        f"{DURATION:g} s: {writes} writes, {reads} reads ({read_mib:.0f} MiB, {eio} EIO);"
+        f" converged {time.monotonic() - started - DURATION:.1f} s later; VmHWM KiB {peak}"
+    )
+    assert max(peak.values()) < HWM_BUDGET_KIB, peak
+    for node in nodes:
+        assert_sound(node, after_restart=False)
+    torn = [t for r in readers for t in r.torn]
+    if torn:
+        raise TornRead(f"{len(torn)} torn reads: {torn[:3]}")
