@@ -106,13 +106,6 @@ def _bounded(node: FaultNode, seconds: float, fn: Callable[[], object], what: st
         raise error[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=NodeHang,
-    reason="bug: after a commit fails with ENOSPC, staging.inflight keeps the failed index "
-    "(fs/namespace.py _commit_locked retry loop), so every later request on that inode "
-    "(unlink, flush, umount's commit_all) waits forever in Staging.wait_inflight()",
-)
 def test_enospc_reaches_the_writer_and_the_node_goes_on(
     swarm: FaultSwarm, disks: Callable[[str], Path]
 ) -> None:
@@ -213,14 +206,6 @@ class SlowEIO(AssertionError):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=SlowEIO,
-    reason="bug: Fetcher.fetch waits its whole 30 s timeout for a new peer even after every "
-    "connected peer answered missing, and nothing remembers the failure, so each FUSE read "
-    "request of the lost chunk waits 30 s again: `cat` of a 2 MiB file with one lost chunk "
-    "took 150 s to get EIO",
-)
 def test_corrupt_chunks_are_repaired_from_a_peer_or_give_eio(swarm: FaultSwarm) -> None:
     a, b = swarm.start(2, replicas="all")
     before = chunk_ids(a.data_dir)

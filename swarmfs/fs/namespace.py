@@ -660,7 +660,12 @@ class Filesystem:
         await staging.wait_inflight()
         for index, data in sorted(staging.sealing.items()):  # those whose background seal failed
             staging.inflight.add(index)
-            staging.seal_finished(index, data, await self.chunks.seal_and_store(data))
+            try:
+                result = await self.chunks.seal_and_store(data)
+            except BaseException:
+                staging.seal_finished(index, data, None)  # still staged, never "in flight"
+                raise
+            staging.seal_finished(index, data, result)
         row = self._row(ino)
         size = staging.size
         changed: dict[int, Block] = dict(staging.pending)

@@ -346,6 +346,16 @@ class Queries:
             blocks=self.all_blocks(row.bl) if row.kind == Kind.FILE and not row.deleted else (),
         )
 
+    def changes_since_records(self, sequence: int, limit: int) -> list[tuple[Row, Record]]:
+        """Changed rows with their replicated form, read in one snapshot: the writer
+        thread may commit between two queries, and a row's size must match its blocks."""
+        self.conn.execute("BEGIN")
+        try:
+            rows = self.changes_since(sequence, limit)
+            return [(row, self.record(row)) for row in rows]
+        finally:
+            self.conn.execute("COMMIT")
+
     def changes_since(self, sequence: int, limit: int) -> list[Row]:
         rows = self.conn.execute(
             f"SELECT {_ROW_COLUMNS} FROM records WHERE sequence>? AND hidden=0 AND path!=x''"

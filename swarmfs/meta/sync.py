@@ -24,7 +24,6 @@ from typing import Any, Protocol
 
 import trio
 
-from swarmfs import CHUNK_SIZE
 from swarmfs.errors import ChunkMissing, CorruptChunk
 from swarmfs.meta.db import Database, Row
 from swarmfs.meta.records import Block, Record
@@ -85,10 +84,10 @@ class IndexSync:
         return max(0, self.db.reader.sequence() - self._announced)
 
     # -- serving -------------------------------------------------------------------
-    async def export(self, rows: list[Row], with_sequence: bool) -> list[dict[str, Any]]:
+    async def export(self, page: list[tuple[Row, Record]]) -> list[dict[str, Any]]:
+        """Record maps for the wire, each with ``q``: its sequence in this node's index."""
         out = []
-        for row in rows:
-            rec = self.db.reader.record(row)
+        for row, rec in page:
             manifests = None
             if len(rec.blocks) > INLINE_BLOCKS:
                 manifests = []
@@ -98,30 +97,29 @@ class IndexSync:
                     )
                     manifests.append((block.chunk_id, block.h))
             m = record_to_map(rec, manifests)
-            if with_sequence:
-                m["q"] = row.sequence
+            m["q"] = row.sequence
             out.append(m)
         return out
 
-    def _page(self, since: int) -> tuple[list[Row], bool]:
-        rows = self.db.reader.changes_since(since, PAGE_RECORDS)
+    def _page(self, since: int) -> tuple[list[tuple[Row, Record]], bool]:
+        """The changes after ``since`` that fit one frame (estimated generously)."""
+        changes = self.db.reader.changes_since_records(since, PAGE_RECORDS)
         total, page = 0, []
-        for row in rows:
-            blocks = min(row.size // CHUNK_SIZE + 1, INLINE_BLOCKS)
-            total += 200 + len(row.path) + len(row.target) + 40 * len(row.version.counters)
-            total += 80 * blocks
+        for row, rec in changes:
+            total += 200 + len(rec.path) + len(rec.target) + 40 * len(rec.version.counters)
+            total += 80 * min(len(rec.blocks), INLINE_BLOCKS)
             if page and total > PAGE_BYTES:
                 return page, True
-            page.append(row)
-        return page, len(rows) == PAGE_RECORDS
+            page.append((row, rec))
+        return page, len(changes) == PAGE_RECORDS
 
     async def on_index_since(self, conn: PeerConnection, msg: Message) -> Message:
         assert isinstance(msg, IndexSince)
         index_id = self.db.reader.index_id()
         since = msg.since if msg.index_id == index_id else 0
-        rows, more = self._page(since)
-        records = await self.export(rows, with_sequence=True)
-        last = rows[-1].sequence if rows else since
+        page, more = self._page(since)
+        records = await self.export(page)
+        last = page[-1][0].sequence if page else since
         return Index(index_id=index_id, sequence=last, records=tuple(records), more=more)
 
     # -- receiving -------------------------------------------------------------------
@@ -243,23 +241,22 @@ class IndexSync:
         while True:
             await self.db.wait_changed(last)
             await self.peers.wait_connected(1)  # while alone, changes wait (the backlog)
-            rows, _ = self._page(last)
-            if not rows:
+            page, _ = self._page(last)
+            if not page:
                 last = self.db.reader.sequence()
                 continue
-            records = await self.export(rows, with_sequence=True)
+            newest = page[-1][0].sequence
+            records = await self.export(page)
             msg = Announce(
-                index_id=self.db.reader.index_id(),
-                sequence=rows[-1].sequence,
-                records=tuple(records),
+                index_id=self.db.reader.index_id(), sequence=newest, records=tuple(records)
             )
             for conn in self.peers.connected_peers():
                 try:
                     await conn.send(msg)
                 except PeerUnavailable:
                     continue
-                self._announced = max(self._announced, rows[-1].sequence)
-            last = rows[-1].sequence
+                self._announced = max(self._announced, newest)
+            last = newest
 
 
 def _with_blocks(rec: Record, blocks: list[Block], count: object) -> Record:

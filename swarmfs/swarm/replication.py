@@ -31,7 +31,8 @@ from swarmfs.swarm.placement import rank
 log = logging.getLogger(__name__)
 
 PUSH_WINDOW = 8
-FETCH_TIMEOUT = 30.0
+FETCH_TIMEOUT = 30.0  # longest wait for any peer to be reachable
+MISSING_MEMORY = 5.0  # seconds a chunk no peer had is not asked for again
 FETCH_PARALLEL = 32  # fetches in flight node-wide, so metadata requests always find a worker
 NO_SPACE = "no_space"
 BAD_CHUNK = "bad_chunk"
@@ -198,12 +199,19 @@ class Fetcher:
         self.peers = peers
         self.timeout = timeout
         self._slots = trio.Semaphore(FETCH_PARALLEL)
+        self._missing: dict[bytes, float] = {}  # chunk id -> until when "nobody has it" holds
 
     async def fetch(self, chunk_id: bytes, h: bytes) -> bytes:
         async with self._slots:
             return await self._fetch(chunk_id)
 
     async def _fetch(self, chunk_id: bytes) -> bytes:
+        """Ask every connected peer (holders first); wait for new peers only while none is
+        connected. A chunk every peer lacks fails at once, and is remembered briefly so
+        the kernel's retries of the same read do not each wait again."""
+        now = trio.current_time()
+        if self._missing.get(chunk_id, -1.0) > now:
+            raise ChunkMissing(f"chunk {chunk_id.hex()[:16]} is on no reachable peer")
         asked: list[str] = []
         with trio.move_on_after(self.timeout):
             while True:
@@ -216,10 +224,13 @@ class Fetcher:
                     if data is not None:
                         await self._remember(chunk_id, len(data))
                         return data
-                known = {c.peer_id for c in self.peers.connected_peers()}
-                await self.peers.wait_for(
-                    lambda k=known: bool({c.peer_id for c in self.peers.connected_peers()} - k)
-                )
+                if asked:
+                    break  # every reachable peer answered: it is nowhere
+                await self.peers.wait_for(lambda: bool(self.peers.connected_peers()))
+        now = trio.current_time()
+        if len(self._missing) > 4096:
+            self._missing = {c: t for c, t in self._missing.items() if t > now}
+        self._missing[chunk_id] = now + MISSING_MEMORY
         names = ", ".join(a[:12] for a in asked) or "none connected"
         log.error("chunk %s: no peer could provide it (asked: %s)", chunk_id.hex()[:16], names)
         raise ChunkMissing(f"chunk {chunk_id.hex()[:16]} is on no reachable peer (asked: {names})")
