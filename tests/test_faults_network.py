@@ -157,6 +157,8 @@ def test_loss_and_delay_still_replicate(lab_swarm: tuple[Lab, FaultSwarm]) -> No
     a, b, c = swarm.start(3)
     for node in (a, b, c):
         node.expect_log(r"sent an invalid record")  # checked below, as its own failure
+        # lossy links cut some handshakes (the relay drops both ends); membership redials
+        node.expect_log(r"handshake failed: it hung up during the")
     assert relay.connections >= 3, "the links do not go through the delaying relay"
     rtts = [p["rtt_ms"] for p in a.status()["peers"] if p["rtt_ms"] is not None]
     data = payload(size, 61)
