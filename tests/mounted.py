@@ -125,8 +125,10 @@ class SwarmMount:
         return entry is not None and entry[0] == FSTYPE
 
     def answers(self) -> bool:
+        """The node serves the mount: ``statvfs`` always reaches it (``stat`` may be
+        answered from the kernel's attribute cache for seconds after the node died)."""
         try:
-            os.stat(self.mountpoint)
+            os.statvfs(self.mountpoint)
         except OSError:
             return False
         return self.is_mounted()
