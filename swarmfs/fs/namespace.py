@@ -592,8 +592,6 @@ class Filesystem:
         result, error = None, None
         try:
             result = await self.chunks.seal_and_store(data)
-            if self.on_chunk_stored is not None:
-                await self.on_chunk_stored(result[0].chunk_id, result[1])  # type: ignore[arg-type]
         except OSError as exc:
             log.warning("storing a written chunk of %s failed: %s", staging.path.name, exc)
             error = exc
@@ -602,6 +600,11 @@ class Filesystem:
         finally:
             self._seal_slots.release()
             staging.seal_finished(index, data, result, error)
+        if result is not None and self.on_chunk_stored is not None:
+            try:
+                await self.on_chunk_stored(result[0].chunk_id, result[1])  # type: ignore[arg-type]
+            except Exception as exc:  # e.g. the database's disk is full: the commit queues it
+                log.warning("queueing a written chunk for peers failed: %s", exc)
 
     async def _truncate(self, ino: int, row: Row, size: int) -> None:
         """Stage a truncate (lock held); a stored chunk cut in the middle becomes staged data."""

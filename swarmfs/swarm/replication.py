@@ -26,6 +26,7 @@ from swarmfs.meta.db import Database
 from swarmfs.net.peer import PeerConnection, PeerUnavailable
 from swarmfs.net.wire import Chunk, ChunkGet, ChunkPut, Error, Message, Missing, Stored
 from swarmfs.store.cas import ChunkStore
+from swarmfs.swarm.membership import PeerStatus
 from swarmfs.swarm.placement import rank
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class Peers:
     def connected_peers(self) -> list[PeerConnection]: ...  # pragma: no cover
 
     async def wait_for(self, predicate: Callable[[], bool]) -> None: ...  # pragma: no cover
+
+    def peers(self) -> list[PeerStatus]: ...  # pragma: no cover
 
 
 class ChunkService:
@@ -206,9 +209,9 @@ class Fetcher:
             return await self._fetch(chunk_id)
 
     async def _fetch(self, chunk_id: bytes) -> bytes:
-        """Ask every connected peer (holders first); wait for new peers only while none is
-        connected. A chunk every peer lacks fails at once, and is remembered briefly so
-        the kernel's retries of the same read do not each wait again."""
+        """Ask every connected peer (holders first), waiting (bounded) for known peers that
+        are not connected yet. A chunk every known peer lacks fails at once, and is
+        remembered briefly so the kernel's retries of the same read do not wait again."""
         now = trio.current_time()
         if self._missing.get(chunk_id, -1.0) > now:
             raise ChunkMissing(f"chunk {chunk_id.hex()[:16]} is on no reachable peer")
@@ -224,9 +227,16 @@ class Fetcher:
                     if data is not None:
                         await self._remember(chunk_id, len(data))
                         return data
-                if asked:
-                    break  # every reachable peer answered: it is nowhere
-                await self.peers.wait_for(lambda: bool(self.peers.connected_peers()))
+                known = {p.id for p in self.peers.peers()}
+                if asked and known <= set(asked):
+                    break  # every peer this node knows answered: it is nowhere
+                await self.peers.wait_for(  # an unasked peer may yet connect (bounded)
+                    lambda: any(c.peer_id not in asked for c in self.peers.connected_peers())
+                )
+        if not asked or not {p.id for p in self.peers.peers()} <= set(asked):
+            names = ", ".join(a[:12] for a in asked) or "none connected"
+            log.error("chunk %s: no reachable peer has it (asked: %s)", chunk_id.hex()[:16], names)
+            raise ChunkMissing(f"chunk {chunk_id.hex()[:16]}: no reachable peer has it ({names})")
         now = trio.current_time()
         if len(self._missing) > 4096:
             self._missing = {c: t for c, t in self._missing.items() if t > now}
