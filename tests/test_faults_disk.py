@@ -119,7 +119,7 @@ def test_enospc_reaches_the_writer_and_the_node_goes_on(
         (a.mnt / f"kept{i}.bin").write_bytes(data)
         committed[f"kept{i}.bin"] = digest(data)
     ballast = fill(disk, leave=12 * MiB)
-    a.expect_log(r"(?i)no space|ENOSPC|errno 28")
+    a.expect_log(r"(?i)no space|ENOSPC|errno 28|disk is full")
     pid = a.pid
 
     failure, where = None, "write"
