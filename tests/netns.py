@@ -399,27 +399,11 @@ class FaultSwarm(Swarm):
         super().__init__(base)
         self.lab = lab
 
-    def add(
-        self,
-        name: str | None = None,
-        *,
-        bootstrap: SwarmNode | list[SwarmNode] | None = None,
-        key_file: Path | None = None,
-        replicas: int | str | None = None,
-    ) -> FaultNode:
+    def new_node(self, name: str) -> FaultNode:
+        """Node i lives in the lab's namespace i (the base class does the rest of ``add``)."""
         index = len(self.nodes)
         assert self.lab is None or index < len(self.lab.names), "more nodes than namespaces"
-        node = FaultNode(self, name or "abcdefghijklmnop"[index], index)
-        if self.nodes:
-            node.swarm_key_file = key_file or self.key_file
-            sources = [self.nodes[0]] if bootstrap is None else bootstrap
-            sources = sources if isinstance(sources, list) else [sources]
-            node.bootstrap = [s.address for s in sources]
-        else:
-            node.swarm_key_file = key_file
-        node.replicas = None if replicas is None else str(replicas)
-        self.nodes.append(node)
-        return node
+        return FaultNode(self, name, index)
 
     def start(self, n: int, *, replicas: int | str | None = None) -> list[FaultNode]:  # type: ignore[override]
         return super().start(n, replicas=replicas)  # type: ignore[return-value]
