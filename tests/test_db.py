@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -183,6 +184,26 @@ def test_block_list_with_holes(db: Database) -> None:
     assert row is not None
     assert db.reader.blocks(row.bl, 0, 10) == {0: b0}
     assert not db.reader.chunk_referenced(b"\x30" * 32)
+
+
+def test_a_replaced_version_retires_to_the_cache_once_a_peer_is_known(db: Database) -> None:
+    """A peer may be reading the version it was told about: its chunks stay (as
+    cache) until GC's grace period is over; alone, a node deletes them at once."""
+    rid = _create(db, b"f")
+    old, new = Block(b"\x10" * 32, b"\x11" * 32, 5), Block(b"\x20" * 32, b"\x21" * 32, 5)
+
+    def commit(block: Block) -> list[bytes]:
+        return db.write_sync(
+            lambda t: t.commit_content(rid, 5, 0, 0, {0: block}, 1, 1, [(block.chunk_id, 9)])
+        )
+
+    assert commit(old) == []
+    db.write_sync(lambda t: t.save_peer("p" * 26, "127.0.0.1:1", time.time()))
+    assert commit(new) == []
+    assert db.reader.chunk_bytes() == (9, 9), "one written chunk, one retired to the cache"
+    assert db.reader.push_batch(10) == [(new.chunk_id, 9)], "a retired chunk is not pushed"
+    assert db.write_sync(lambda t: t.reclaim(time.time() - 60, 1 << 40)) == []
+    assert db.write_sync(lambda t: t.reclaim(time.time() + 1, 1 << 40)) == [old.chunk_id]
 
 
 def test_appending_a_block_touches_one_row(db: Database) -> None:

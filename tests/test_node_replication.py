@@ -295,3 +295,52 @@ async def test_every_save_of_a_file_changed_remotely_while_open_survives(tmp_pat
                 found = await all_content(node)
                 assert b"second local save!" in found and b"remote edit" in found
             await b.fs.release(fh)
+
+
+async def test_a_reader_of_the_replaced_version_still_gets_its_chunks(tmp_path: Path) -> None:
+    """An open handle on b keeps the version it opened, whose chunks only a holds; a
+    rewrite on a used to delete them at once, so b's next read got EIO."""
+    old, new = os.urandom(3 * CHUNK_SIZE), os.urandom(3 * CHUNK_SIZE)
+    with trio.fail_after(60):
+        async with running_nodes(tmp_path, 2, replicas=1) as (a, b):
+            await eventually(lambda: b.membership.connected_peers(), "a connection")
+            await write_file(a, b"doc", old)
+            await eventually(lambda: has(b, b"doc", len(old)), "the first version on b")
+            attr = await b.fs.lookup(ROOT_INO, b"doc")
+            fh = await b.fs.open(attr.ino, os.O_RDONLY)
+            try:
+                version_seen = a.db.reader.by_path(b"doc").version  # type: ignore[union-attr]
+                await write_file(a, b"doc", new)
+                await eventually(
+                    lambda: b.db.reader.by_path(b"doc").version != version_seen,  # type: ignore[union-attr]
+                    "the rewrite on b",
+                )
+                assert await b.fs.read(fh, 0, len(old) + 1) == old
+            finally:
+                await b.fs.release(fh)
+            assert await read_file(b, b"doc") == new
+
+
+async def test_replicas_of_a_replaced_version_outlive_it_for_the_grace_period(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica holder applying a newer version used to delete the old chunks at its
+    next GC (the replaced inode was swept), under peers still reading that version."""
+    old, new = os.urandom(2 * CHUNK_SIZE), os.urandom(2 * CHUNK_SIZE)
+    with trio.fail_after(60):
+        async with running_nodes(tmp_path, 2) as (a, b):
+            await eventually(lambda: b.membership.connected_peers(), "a connection")
+            await write_file(a, b"f", old)
+            await eventually(lambda: a.db.reader.backlog() == (0, 0), "b holding replicas")
+            old_chunks = set(b.store.ids())
+            assert len(old_chunks) == 2
+            await write_file(a, b"f", new)
+            await eventually(lambda: has(b, b"f", len(new)), "the new version on b")
+            await eventually(lambda: a.db.reader.backlog() == (0, 0), "b holding its replicas")
+            await b.gc.collect()
+            assert old_chunks <= set(b.store.ids()), "kept while peers may read them"
+            assert set(b.store.ids()) == set(b.db.reader.check_inventory())
+            monkeypatch.setattr("swarmfs.gc.GRACE", 0.0)
+            await b.gc.collect()
+            assert not old_chunks & set(b.store.ids()), "collected once the grace is over"
+            assert await read_file(b, b"f") == new

@@ -609,7 +609,7 @@ class Txn(Queries):
         if not row.hidden:
             cols.update(self._local_change(row.version))
         self._set(rid, **cols)
-        return self.drop_unreferenced(old_ids | stale)
+        return self.drop_unreferenced(stale - old_ids) + self.supersede(old_ids)
 
     def drop_unreferenced(self, chunk_ids: Iterable[bytes]) -> list[bytes]:
         """Forget inventory rows of chunks no block list references; returns them for deletion."""
@@ -617,6 +617,29 @@ class Txn(Queries):
         for table in ("chunks", "push_queue", "holders"):
             self.conn.executemany(f"DELETE FROM {table} WHERE chunk_id=?", gone)
         return [c for (c,) in gone]
+
+    def supersede(self, chunk_ids: Iterable[bytes]) -> list[bytes]:
+        """Chunks of a committed version that was replaced: retired while this node
+        knows a peer (which may have seen that version), else returned for deletion."""
+        if self.conn.execute("SELECT 1 FROM peers LIMIT 1").fetchone() is None:
+            return self.drop_unreferenced(chunk_ids)
+        self.retire(chunk_ids)
+        return []
+
+    def retire(self, chunk_ids: Iterable[bytes]) -> None:
+        """Chunks of a committed version that nothing references any more.
+
+        That version was announced, so a peer may be reading it right now (an open
+        handle keeps its version) and fetch these from here: they are not deleted
+        but become cache, evicted least-recently-used past ``--cache-size`` or
+        reclaimed by GC after its grace period; nor are they pushed any more.
+        """
+        gone = [(c,) for c in chunk_ids if not self.chunk_referenced(c)]
+        self.conn.executemany(
+            "UPDATE chunks SET pinned=0, last_used=? WHERE chunk_id=?",
+            [(time.time(), c) for (c,) in gone],
+        )
+        self.conn.executemany("DELETE FROM push_queue WHERE chunk_id=?", gone)
 
     def detach(self, row: Row, ino: int) -> None:
         """Move an open inode off ``row`` onto a hidden copy, so it outlives the path."""
@@ -813,7 +836,7 @@ class Txn(Queries):
             if not rec.deleted and row.bl is not None:
                 bl, row = row.bl, dataclasses.replace(row, bl=None)
                 self._set(row.rid, bl=None)
-                self.drop_blocklist_if_unused(bl)
+                self.retire(self.drop_blocklist_if_unused(bl))
         bl = row.bl if row is not None and same_content else None
         if rec.kind == Kind.FILE and not rec.deleted and not same_content:
             bl = self.new_blocklist()
@@ -859,23 +882,25 @@ class Txn(Queries):
         return True
 
     def forget_hidden(self, ino: int) -> list[bytes]:
-        """The kernel forgot a detached inode: drop it and its unshared chunks."""
+        """The kernel forgot a detached inode: drop it; returns chunks to delete now."""
         row = self.by_ino(ino)
         self.conn.execute("DELETE FROM inodes WHERE ino=?", (ino,))
         if row is None or not row.hidden:
             return []
         self.conn.execute("DELETE FROM records WHERE rid=?", (row.rid,))
-        return self.drop_blocklist_if_unused(row.bl)
+        return self.supersede(self.drop_blocklist_if_unused(row.bl))
 
-    def drop_blocklist_if_unused(self, bl: int | None) -> list[bytes]:
+    def drop_blocklist_if_unused(self, bl: int | None) -> set[bytes]:
+        """Delete block list ``bl`` unless a record or the trash uses it; returns its
+        chunk ids (the caller decides whether they are deleted or retired)."""
         if bl is None:
-            return []
+            return set()
         used = self.conn.execute(
             "SELECT 1 FROM records WHERE bl=? UNION ALL SELECT 1 FROM trash WHERE bl=? LIMIT 1",
             (bl, bl),
         ).fetchone()
         if used:
-            return []
+            return set()
         ids = {
             bytes(c)
             for (c,) in self.conn.execute(
@@ -883,7 +908,7 @@ class Txn(Queries):
             )
         }
         self.conn.execute("DELETE FROM blocks WHERE bl=?", (bl,))
-        return self.drop_unreferenced(ids)
+        return ids
 
     def expire_trash(self, before: float) -> list[bytes]:
         """Drop trash entries deleted before ``before``; returns chunks now unreferenced."""
@@ -892,7 +917,7 @@ class Txn(Queries):
             "SELECT tid, bl FROM trash WHERE deleted_at<?", (before,)
         ).fetchall():
             self.conn.execute("DELETE FROM trash WHERE tid=?", (tid,))
-            gone += self.drop_blocklist_if_unused(bl)
+            gone += self.drop_unreferenced(self.drop_blocklist_if_unused(bl))
         return gone
 
     def reclaim(
@@ -929,7 +954,7 @@ class Txn(Queries):
         for rid, bl in self.conn.execute("SELECT rid, bl FROM records WHERE hidden=1").fetchall():
             self.conn.execute("DELETE FROM inodes WHERE rid=?", (rid,))
             self.conn.execute("DELETE FROM records WHERE rid=?", (rid,))
-            gone += self.drop_blocklist_if_unused(bl)
+            gone += self.supersede(self.drop_blocklist_if_unused(bl))
         return gone
 
     # --- trash restore and fsck repairs (swarmfs/trash.py, swarmfs/fsck.py) ---
