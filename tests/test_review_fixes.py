@@ -230,6 +230,35 @@ async def test_a_background_seal_that_failed_fails_the_next_write(
             h.close()
 
 
+async def test_a_seal_error_the_commit_recovered_from_is_not_reported_again(
+    tmp_path: Path, expect_log: Callable[[str], None]
+) -> None:
+    """The commit retries a failed seal; once it succeeded, the next write on the handle
+    used to fail with the stale ENOSPC although everything was committed."""
+    root = tmp_path / "data"
+    expect_log(r"storing a written chunk of \S+ failed: \[Errno 28\]")
+    with small_disk(root / "chunks") as disk:
+        h = Harness(root)
+        try:
+            fh, ino = await h.create(b"big.bin", flags=os.O_WRONLY)
+            ballast = fill(disk)
+            first = rand(MiB, 4)
+            with trio.fail_after(8):
+                async with trio.open_nursery() as nursery:
+                    h.fs.nursery = nursery
+                    assert await h.fs.write(fh, 0, first) == MiB
+                    await h.fs._staging[ino].wait_inflight()  # that seal hit the full disk
+                    ballast.unlink()
+                    await h.fs.flush(fh)  # retries the seal, with room now: committed
+                    assert await h.fs.write(fh, MiB, b"more") == 4
+                    await h.fs.flush(fh)
+                    await h.fs.release(fh)
+                    h.fs.nursery = None
+            assert await h.cat(ino) == first + b"more"
+        finally:
+            h.close()
+
+
 # --- 4. the invalidator is joined off the loop ------------------------------------------------
 
 

@@ -177,6 +177,7 @@ class Staging:
         self.new_chunks.clear()
         self.dirty.clear()
         self.modified = False
+        self.seal_error = None  # the commit retried that seal and succeeded
         if self._fd is not None:
             os.ftruncate(self._fd, 0)
 
