@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from swarmfs.fuse import mount
 from swarmfs.fuse.invalidator import Invalidator
 from swarmfs.fuse.operations import Operations
 from swarmfs.gc import GarbageCollector
+from swarmfs.memory import MemoryBudget
 from swarmfs.meta.db import Database
 from swarmfs.meta.sync import IndexSync
 from swarmfs.net.peer import PeerConnection
@@ -77,7 +79,15 @@ class Node:
         self.db.push_new_chunks = config.replicas is None or config.replicas > 1
         self.store = ChunkStore(data_dir.chunks_dir)
         _clean_start(self.db, self.store, data_dir.staging_dir)
-        self.chunks = ChunkIO(self.store, derive_key(swarm_key, "content"))
+        self.memory = MemoryBudget()  # one budget for every chunk-sized buffer (DESIGN §5)
+        self.chunks = ChunkIO(self.store, derive_key(swarm_key, "content"), budget=self.memory)
+        network = network or MembershipSettings()
+        network = replace(
+            network,
+            connection=replace(
+                network.connection, receive_pool=self.memory.receive, send_pool=self.memory.send
+            ),
+        )
         self.fs = Filesystem(self.db, self.chunks, data_dir.staging_dir)
         self.fs.read_only = "ro" in config.fuse_options
         self.membership = Membership(
@@ -92,7 +102,9 @@ class Node:
         )
         self.sync = IndexSync(self.db, self.membership, self.chunks, self.fs.remote_applied)
         self.chunk_service = ChunkService(self.db, self.store, config.cache_size)
-        self.replicator = Replicator(self.db, self.store, self.membership, config.replicas)
+        self.replicator = Replicator(
+            self.db, self.store, self.membership, config.replicas, self.memory
+        )
         self.chunks.source = Fetcher(self.db, self.membership)
         if self.db.push_new_chunks:
             self.fs.on_chunk_stored = self._queue_push

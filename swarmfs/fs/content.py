@@ -2,8 +2,20 @@
 
 Sealing (two SHA-256 passes and AES-GCM) and disk I/O run in worker threads,
 at most one per core. Decrypted chunks are kept in a small LRU bounded in
-bytes, so repeated small reads of one chunk decrypt it once. A chunk missing
-here is asked of a ``ChunkSource`` (the network, plugged in by ``node.py``).
+bytes (the budget's ``cache`` pool), so repeated small reads of one chunk
+decrypt it once and read-ahead has somewhere to put what it loaded. A chunk
+missing here is asked of a ``ChunkSource`` (the network, plugged in by
+``node.py``).
+
+Memory: every load or fetch holds two chunks (ciphertext and plaintext) of the
+budget's ``fetch`` pool from before it reads a byte; so read-ahead and fetches
+in flight never hold more than that pool, whatever the file size.
+
+A fetched chunk is checked against its id and decrypted in one worker-thread
+call (the AEAD tag under the ``h``-bound key binds the plaintext, as on a local
+read); the reader gets the plaintext at once, and the cache file is written
+behind it, in the node's nursery, while one chunk of ``fetch`` stays held
+until the file is written and recorded (so writes behind cannot pile up).
 """
 
 from __future__ import annotations
@@ -11,12 +23,15 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
 
+from swarmfs import CHUNK_SIZE
 from swarmfs.crypto import chunks as chunk_crypto
 from swarmfs.errors import ChunkMissing, CorruptChunk
+from swarmfs.memory import MemoryBudget
 from swarmfs.meta.records import Block
 from swarmfs.store.cas import ChunkStore
 
@@ -28,8 +43,17 @@ PREFETCH_PARALLEL = 8  # chunks loaded ahead at once, node-wide
 class ChunkSource(Protocol):
     """Where a chunk that is not stored here comes from (peers)."""
 
-    async def fetch(self, chunk_id: bytes, h: bytes) -> bytes:
-        """Return ciphertext already matched to ``chunk_id``, or raise ``ChunkMissing``."""
+    async def fetch(self, chunk_id: bytes, h: bytes, accept: Callable[[bytes], bytes]) -> bytes:
+        """Get the ciphertext from a peer and return ``accept(ciphertext)``, or raise
+        ``ChunkMissing``.
+
+        ``accept`` runs in a worker thread after the ciphertext matched ``chunk_id``
+        (in the same call); if it raises ``CorruptChunk`` the next peer is asked.
+        """
+        ...
+
+    async def stored(self, chunk_id: bytes, size: int) -> None:
+        """A fetched chunk's cache file is written (the source records it)."""
         ...
 
 
@@ -38,15 +62,19 @@ class ChunkIO:
         self,
         store: ChunkStore,
         content_key: bytes,
-        cache_bytes: int = 32 * 1024 * 1024,
+        cache_bytes: int | None = None,
         source: ChunkSource | None = None,
+        budget: MemoryBudget | None = None,
     ) -> None:
+        """``cache_bytes``: the decrypted-chunk cache (default: the budget's ``cache`` pool)."""
         self.store = store
         self._key = content_key
         self._limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
+        self.budget = budget or MemoryBudget()
         self._plain: OrderedDict[bytes, bytes] = OrderedDict()
-        self._plain_bytes = 0
-        self._cache_limit = cache_bytes
+        self._cache_pool = self.budget.cache
+        self._cache_limit = self._cache_pool.limit if cache_bytes is None else cache_bytes
+        self._fetch_pool = self.budget.fetch
         self.source = source
         self._inflight: dict[bytes, trio.Event] = {}
         self._prefetch_slots = trio.Semaphore(PREFETCH_PARALLEL)
@@ -54,12 +82,16 @@ class ChunkIO:
 
     async def seal_and_store(self, plaintext: bytes) -> tuple[Block, int]:
         """Encrypt and store one chunk; returns its block and ciphertext size."""
-        return await trio.to_thread.run_sync(self._seal_and_store, plaintext, limiter=self._limiter)
+        block, size = await trio.to_thread.run_sync(
+            self._seal_and_store, plaintext, limiter=self._limiter
+        )
+        assert block.chunk_id is not None
+        self._remember(block.chunk_id, plaintext)  # on the loop: the pools are trio-only
+        return block, size
 
     def _seal_and_store(self, plaintext: bytes) -> tuple[Block, int]:
         sealed = chunk_crypto.seal(self._key, plaintext)
         self.store.put(sealed.chunk_id, sealed.ciphertext)
-        self._remember(sealed.chunk_id, plaintext)
         return Block(sealed.chunk_id, sealed.h, sealed.length), len(sealed.ciphertext)
 
     async def read(self, block: Block) -> bytes:
@@ -90,17 +122,54 @@ class ChunkIO:
 
     async def _load_or_fetch(self, block: Block) -> bytes:
         assert block.chunk_id is not None and block.h is not None
+        held = 2 * CHUNK_SIZE  # ciphertext and plaintext
+        await self._fetch_pool.acquire(held)
         try:
-            return await trio.to_thread.run_sync(self._load, block, limiter=self._limiter)
-        except (ChunkMissing, CorruptChunk) as exc:
-            if self.source is None:
-                raise
-            if isinstance(exc, CorruptChunk):
-                log.warning("%s; fetching a good copy from peers", exc)
-            ciphertext = await self.source.fetch(block.chunk_id, block.h)
-            return await trio.to_thread.run_sync(
-                self._store_fetched, block, ciphertext, limiter=self._limiter
+            try:
+                return await trio.to_thread.run_sync(self._load, block, limiter=self._limiter)
+            except (ChunkMissing, CorruptChunk) as exc:
+                if self.source is None:
+                    raise
+                if isinstance(exc, CorruptChunk):
+                    log.warning("%s; fetching a good copy from peers", exc)
+            key, h, cid = self._key, block.h, block.chunk_id
+            box: list[bytes] = []
+
+            def accept(ciphertext: bytes) -> bytes:  # in a worker thread, after the id check
+                plain = chunk_crypto.unseal(key, h, ciphertext, cid)
+                box.append(ciphertext)
+                return plain
+
+            plain = await self.source.fetch(cid, h, accept)
+            ciphertext = box.pop()
+            if self.nursery is None:
+                await self._write_fetched(cid, ciphertext, 0)
+            else:  # the plaintext goes to the reader now; one chunk stays held for the file
+                held -= CHUNK_SIZE
+                self.nursery.start_soon(self._write_fetched, cid, ciphertext, CHUNK_SIZE)
+            return plain
+        finally:
+            self._fetch_pool.release(held)
+
+    async def _write_fetched(self, chunk_id: bytes, ciphertext: bytes, held: int) -> None:
+        """Write a fetched chunk's cache file and record it; then free ``held`` bytes."""
+        try:
+            await trio.to_thread.run_sync(
+                self._store_fetched, chunk_id, ciphertext, limiter=self._limiter
             )
+            size = len(ciphertext)
+            del ciphertext
+            assert self.source is not None
+            await self.source.stored(chunk_id, size)
+        except OSError as exc:  # the read has its data; a later read fetches it again
+            log.warning("caching fetched chunk %s failed: %s", chunk_id.hex()[:16], exc)
+        except Exception:
+            if held == 0:
+                raise
+            log.exception("caching fetched chunk %s failed", chunk_id.hex()[:16])
+        finally:
+            if held:
+                self._fetch_pool.release(held)
 
     def prefetch(self, blocks: list[Block]) -> None:
         """Start loading (and, if missing here, fetching) chunks a sequential reader needs next."""
@@ -126,27 +195,24 @@ class ChunkIO:
         ciphertext = self.store.get(block.chunk_id)
         return chunk_crypto.unseal(self._key, block.h, ciphertext, block.chunk_id)
 
-    def _store_fetched(self, block: Block, ciphertext: bytes) -> bytes:
-        assert block.chunk_id is not None and block.h is not None
-        plain = chunk_crypto.verify(self._key, block.chunk_id, block.h, ciphertext, id_checked=True)
-        self.store.delete(block.chunk_id)  # a corrupt local copy is replaced
-        self.store.put(block.chunk_id, ciphertext)
-        return plain
+    def _store_fetched(self, chunk_id: bytes, ciphertext: bytes) -> None:
+        self.store.delete(chunk_id)  # a corrupt local copy is replaced
+        self.store.put(chunk_id, ciphertext)
 
     def _remember(self, chunk_id: bytes, plain: bytes) -> None:
         if chunk_id in self._plain or len(plain) > self._cache_limit:
             return
-        self._plain[chunk_id] = plain
-        self._plain_bytes += len(plain)
-        while self._plain_bytes > self._cache_limit:
+        while self._plain and self._cache_pool.used + len(plain) > self._cache_limit:
             _, old = self._plain.popitem(last=False)
-            self._plain_bytes -= len(old)
+            self._cache_pool.release(len(old))
+        self._plain[chunk_id] = plain
+        self._cache_pool.take(len(plain))
 
     def forget(self, chunk_ids: list[bytes]) -> None:
         for c in chunk_ids:
             old = self._plain.pop(c, None)
             if old is not None:
-                self._plain_bytes -= len(old)
+                self._cache_pool.release(len(old))
 
     async def delete(self, chunk_ids: list[bytes]) -> None:
         """Remove chunks no record references any more (superseded before anyone needed them)."""

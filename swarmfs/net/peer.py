@@ -12,12 +12,25 @@ Deadlock freedom: the reader never waits to send. Each side keeps at most
 protocol, so a handler slot is always free when a request arrives and both
 readers keep draining even when both sides are pushing chunks at once.
 
-A frame is written whole under the send lock, shielded from the caller's
-cancellation (a half-written frame would corrupt the stream), but bounded by
-``dead_after``. A protocol violation closes this connection and is logged once
-as one warning line; losing a connection is logged at info; neither is a
-traceback. A handler that raises an unexpected exception is a bug: it is
-logged with its traceback and answered with an ``internal`` error.
+A frame is encoded and written whole under the send lock, shielded from the
+caller's cancellation (a half-written frame would corrupt the stream), but
+bounded by ``dead_after``; encoding under the lock keeps one encoded copy per
+connection, not one per waiting sender.
+
+Memory (``swarmfs.memory``): when a frame header announces a body of
+``RESERVE_FROM`` bytes or more, the reader takes that many bytes of the
+node's ``receive`` pool before it reads on, so a peer pushing faster than
+this node stores waits in TCP, not in this process. A request keeps its bytes
+until its handler returns (before its reply is sent: a handler's bytes are
+freed by local work alone, never by the network); a reply frees them when it
+reaches the request that waits for it. A request whose reply may carry a chunk
+(``LARGE_REPLY``) takes ``MAX_FRAME`` bytes of the ``send`` pool before its
+handler runs, until the reply is written.
+
+A protocol violation closes this connection and is logged once as one warning
+line; losing a connection is logged at info; neither is a traceback. A handler
+that raises an unexpected exception is a bug: it is logged with its traceback
+and answered with an ``internal`` error.
 """
 
 from __future__ import annotations
@@ -30,8 +43,10 @@ from dataclasses import dataclass, replace
 import trio
 
 from swarmfs.errors import ProtocolError, SwarmfsError
+from swarmfs.memory import Pool
 from swarmfs.net.wire import (
     INTERNAL,
+    MAX_FRAME,
     UNKNOWN_TYPE,
     Error,
     FrameDecoder,
@@ -43,7 +58,7 @@ from swarmfs.net.wire import (
     Request,
     UnknownRequest,
     decode_message,
-    encode_frame,
+    encode_frame_parts,
 )
 
 log = logging.getLogger(__name__)
@@ -52,6 +67,10 @@ MAX_IN_FLIGHT = 32
 """Requests one side may have outstanding on a connection (a protocol constant)."""
 
 _RECEIVE_SIZE = 256 * 1024
+RESERVE_FROM = 64 * 1024
+"""Frame bodies at least this large are reserved in the ``receive`` pool before they are read."""
+_SPLIT_FROM = 64 * 1024  # bodies this large are written after their header, not joined to it
+_DEFAULT_POOL = 8 * 1024 * 1024  # a connection's own pools when the node gives none (tests)
 
 Handler = Callable[["PeerConnection", Message], Awaitable[Message | None]]
 """``async fn(peer, msg)``: a reply for a request, ``None`` for a push."""
@@ -69,6 +88,10 @@ class ConnectionSettings:
     ping_interval: float = 15.0
     dead_after: float = 60.0
     """Close when nothing arrived for this long, or a frame took this long to send."""
+    receive_pool: Pool | None = None
+    """The node's ``receive`` pool; ``None``: the connection gets one of its own."""
+    send_pool: Pool | None = None
+    """The node's ``send`` pool; ``None``: the connection gets one of its own."""
 
 
 @dataclass
@@ -101,6 +124,8 @@ class PeerConnection:
         self._stream = stream
         self._handlers = handlers
         self._settings = settings or ConnectionSettings()
+        self._receive_pool = self._settings.receive_pool or Pool("receive", _DEFAULT_POOL)
+        self._send_pool = self._settings.send_pool or Pool("send", _DEFAULT_POOL)
         self._decoder = FrameDecoder()
         self._send_lock = trio.Lock()
         self._ids = itertools.count(1)
@@ -122,14 +147,21 @@ class PeerConnection:
     # -- sending ------------------------------------------------------------
 
     async def send(self, msg: Message) -> None:
-        """Send one message (a push, or a first ``hello``); ``PeerUnavailable`` if closed."""
-        frame = encode_frame(msg)
+        """Send one message (a push, or a first ``hello``); ``PeerUnavailable`` if closed.
+
+        ``ValueError`` (before anything is sent) if it is too large for a frame.
+        """
         async with self._send_lock:
             self._check_open()
+            header, body = encode_frame_parts(msg)
             with trio.CancelScope(shield=True) as scope:
                 scope.relative_deadline = self._settings.dead_after
                 try:
-                    await self._stream.send_all(frame)
+                    if len(body) >= _SPLIT_FROM:
+                        await self._stream.send_all(header)
+                        await self._stream.send_all(body)
+                    else:
+                        await self._stream.send_all(header + body)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     self._abort(f"send failed: {_cause(exc)}")
                     raise PeerUnavailable(f"{self}: {self.close_reason}") from exc
@@ -240,31 +272,59 @@ class PeerConnection:
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         data = b""  # first drain what exchange_hello left buffered
+        pool = self._receive_pool
+        reserved = 0  # bytes of the pool taken for the frame whose body is being read
         try:
             while True:
                 for body in self._decoder.feed(data):
-                    await self._dispatch(decode_message(body), nursery)
+                    held, reserved = reserved, 0
+                    if not held and len(body) >= RESERVE_FROM:  # it came whole in one read
+                        held = len(body)
+                        await pool.acquire(held)
+                    try:
+                        msg = decode_message(body)
+                        del body
+                    except BaseException:
+                        if held:
+                            pool.release(held)
+                        raise
+                    await self._dispatch(msg, nursery, held)
+                del data
+                if not reserved and self._decoder.pending >= RESERVE_FROM:
+                    reserved = self._decoder.pending
+                    await pool.acquire(reserved)
                 data = await self._receive()
         except ProtocolError as exc:
             self._abort(f"protocol error: {exc}", logging.WARNING)
         except PeerUnavailable:
             pass  # _receive has recorded why
+        finally:
+            if reserved:
+                pool.release(reserved)
 
-    async def _dispatch(self, msg: Message, nursery: trio.Nursery) -> None:
-        if isinstance(msg, Reply):
-            slot = self._pending.get(msg.id)
-            if slot is None:
-                log.debug("%s: reply %d came after its request gave up", self, msg.id)
-            else:
-                slot.reply = msg
-                slot.event.set()
-        elif isinstance(msg, Request) or (isinstance(msg, UnknownRequest) and msg.id is not None):
+    async def _dispatch(self, msg: Message, nursery: trio.Nursery, held: int = 0) -> None:
+        """Route one message; ``held`` bytes of the receive pool go with it and are freed."""
+        if isinstance(msg, Request) or (isinstance(msg, UnknownRequest) and msg.id is not None):
             if self._handling >= MAX_IN_FLIGHT:
+                if held:
+                    self._receive_pool.release(held)
                 raise ProtocolError(f"more than {MAX_IN_FLIGHT} requests in flight")
             self._handling += 1
-            nursery.start_soon(self._serve_request, msg)
-        else:
-            await self._serve_push(msg)
+            nursery.start_soon(self._serve_request, msg, held)
+            return
+        try:
+            if isinstance(msg, Reply):
+                slot = self._pending.get(msg.id)
+                if slot is None:
+                    log.debug("%s: reply %d came after its request gave up", self, msg.id)
+                else:
+                    slot.reply = msg
+                    slot.event.set()
+            else:
+                await self._serve_push(msg)
+        finally:
+            if held:
+                self._receive_pool.release(held)
 
     async def _serve_push(self, msg: Message) -> None:
         if isinstance(msg, Hello):
@@ -280,19 +340,32 @@ class PeerConnection:
         except Exception:
             log.exception("%s: handler for pushed %s failed", self, msg.TYPE)
 
-    async def _serve_request(self, msg: Request | UnknownRequest) -> None:
+    async def _serve_request(self, msg: Request | UnknownRequest, held: int = 0) -> None:
+        rid, kind = msg.id, msg.TYPE
+        large = isinstance(msg, Request) and msg.LARGE_REPLY
+        sending = 0  # bytes of the send pool held for the reply
         try:
-            reply = await self._answer(msg)
             try:
-                await self.send(replace(reply, id=msg.id))
+                if large:
+                    await self._send_pool.acquire(MAX_FRAME)
+                    sending = MAX_FRAME
+                reply = await self._answer(msg)
+            finally:
+                del msg  # the request's body is freed before its reply goes out
+                if held:
+                    self._receive_pool.release(held)
+            try:
+                await self.send(replace(reply, id=rid))
             except ValueError as exc:  # a reply too large for a frame: a bug of ours
-                log.error("%s: reply to %s could not be sent: %s", self, msg.TYPE, exc)
-                await self.send(Error(id=msg.id, code=INTERNAL, text="reply too large"))
+                log.error("%s: reply to %s could not be sent: %s", self, kind, exc)
+                await self.send(Error(id=rid, code=INTERNAL, text="reply too large"))
         except ProtocolError as exc:
             self._abort(f"protocol error: {exc}", logging.WARNING)
         except PeerUnavailable:
             pass  # the connection is gone; nobody is waiting for this answer
         finally:
+            if sending:
+                self._send_pool.release(sending)
             self._handling -= 1
 
     async def _answer(self, msg: Request | UnknownRequest) -> Reply:

@@ -72,36 +72,71 @@ _UNPACK_LIMITS: dict[str, int] = {
 
 def encode_frame(msg: Message) -> bytes:
     """Serialise one message as a length-prefixed frame."""
+    header, body = encode_frame_parts(msg)
+    return header + body
+
+
+def encode_frame_parts(msg: Message) -> tuple[bytes, bytes]:
+    """The frame as (length header, body), so a large body is sent without joining a copy."""
     body = msgpack.packb(msg.to_wire(), use_bin_type=True)
     if len(body) > MAX_FRAME:
         raise ValueError(f"{msg.TYPE} message of {len(body)} bytes exceeds the frame limit")
-    return len(body).to_bytes(HEADER_SIZE, "big") + body
+    return len(body).to_bytes(HEADER_SIZE, "big"), body
 
 
 class FrameDecoder:
     """Sans-I/O splitter: feed received bytes, get complete frame bodies back.
 
     A length above ``MAX_FRAME`` raises ``ProtocolError`` as soon as the header
-    is seen, so an oversized frame is never buffered. After an error the
-    decoder must not be used again (the connection is closed).
+    is seen, so an oversized frame is never buffered. ``pending`` tells the
+    reader how large the body being received is, so it can reserve memory for
+    it before reading on. The pieces of a body are kept as received and joined
+    once (one copy per frame). After an error the decoder must not be used
+    again (the connection is closed).
     """
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._head = bytearray()  # a header not yet complete
+        self._length: int | None = None  # body length of the frame in progress
+        self._parts: list[memoryview] = []
+        self._have = 0
+
+    @property
+    def pending(self) -> int:
+        """Body length of the frame whose header has arrived but whose body has not, or 0."""
+        return self._length or 0
 
     def feed(self, data: bytes) -> Iterator[bytes]:
         """Add ``data`` and yield each frame body it completes, in order."""
-        self._buf += data
-        while len(self._buf) >= HEADER_SIZE:
-            length = int.from_bytes(self._buf[:HEADER_SIZE], "big")
-            if length > MAX_FRAME:
-                raise ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME}-byte limit")
-            end = HEADER_SIZE + length
-            if len(self._buf) < end:
+        view = memoryview(data)
+        pos, end = 0, len(view)
+        while True:
+            if self._length is None:
+                if pos == end:
+                    return
+                want = HEADER_SIZE - len(self._head)
+                self._head += view[pos : pos + want]
+                pos = min(end, pos + want)
+                if len(self._head) < HEADER_SIZE:
+                    return
+                length = int.from_bytes(self._head, "big")
+                self._head.clear()
+                if length > MAX_FRAME:
+                    raise ProtocolError(
+                        f"frame of {length} bytes exceeds the {MAX_FRAME}-byte limit"
+                    )
+                self._length = length
+            take = min(end - pos, self._length - self._have)
+            if take:
+                self._parts.append(view[pos : pos + take])
+                self._have += take
+                pos += take
+            if self._have < self._length:
                 return
-            with memoryview(self._buf) as view:  # one copy, not two
-                body = bytes(view[HEADER_SIZE:end])
-            del self._buf[:end]
+            parts = self._parts
+            self._parts, self._have, self._length = [], 0, None
+            body = parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
+            del parts
             yield body
 
 
@@ -299,6 +334,8 @@ class Request(Message):
     """Expects exactly one reply carrying the same ``id``; the connection assigns ids."""
 
     id: int = 0
+    LARGE_REPLY: ClassVar[bool] = False
+    """Its reply may carry a chunk: the answering side reserves send memory first."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -437,6 +474,7 @@ class ChunkPut(Request):
 @dataclass(frozen=True, kw_only=True)
 class ChunkGet(Request):
     TYPE: ClassVar[str] = "chunk_get"
+    LARGE_REPLY: ClassVar[bool] = True
     chunk_id: bytes
 
     def to_wire(self) -> dict[str, Any]:

@@ -8,6 +8,12 @@ reads: replica holders first, then every other connected peer, each answer
 checked against the chunk id before it is used; bounded in time. The handlers
 serve ``chunk_put`` (verify, then store) and ``chunk_get``.
 
+Memory (``swarmfs.memory``): a push holds one chunk of the budget's ``push``
+pool from before it reads the chunk until its peers answered; the bodies of
+incoming puts and outgoing ``chunk`` replies are held by the connection
+(``net.peer``) in the ``receive`` and ``send`` pools, and fetches by the reader
+(``fs.content``) in ``fetch``.
+
 Runs on the trio loop; hashing and disk I/O go to worker threads.
 """
 
@@ -20,8 +26,10 @@ from collections.abc import Callable
 
 import trio
 
+from swarmfs import CHUNK_SIZE
 from swarmfs.crypto.chunks import id_matches
-from swarmfs.errors import ChunkMissing
+from swarmfs.errors import ChunkMissing, CorruptChunk
+from swarmfs.memory import MemoryBudget
 from swarmfs.meta.db import Database
 from swarmfs.net.peer import PeerConnection, PeerUnavailable
 from swarmfs.net.wire import Chunk, ChunkGet, ChunkPut, Error, Message, Missing, Stored
@@ -91,11 +99,19 @@ class ChunkService:
 class Replicator:
     """Drains the push queue; see the module docstring."""
 
-    def __init__(self, db: Database, store: ChunkStore, peers: Peers, replicas: int | None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        store: ChunkStore,
+        peers: Peers,
+        replicas: int | None,
+        budget: MemoryBudget | None = None,
+    ) -> None:
         self.db = db
         self.store = store
         self.peers = peers
         self.replicas = replicas
+        self._pool = (budget or MemoryBudget()).push
         self._retry_at: dict[bytes, float] = {}
         self._failures: dict[bytes, int] = {}
         self._peer_change = trio.Event()
@@ -159,39 +175,48 @@ class Replicator:
             if done >= want:  # queued again (by its commit) after it reached its peers
                 await self.db.write(lambda t: t.unqueue(chunk_id))
                 return
-            try:
-                data = await trio.to_thread.run_sync(self.store.get, chunk_id)
-            except ChunkMissing:  # superseded and deleted meanwhile
-                await self.db.write(lambda t: t.unqueue(chunk_id))
-                return
-            for node_id in rank(chunk_id, peers):
-                if done >= want:
-                    break
-                if node_id in holders:
-                    continue
-                try:
-                    reply = await peers[node_id].request(ChunkPut(chunk_id=chunk_id, data=data))
-                except PeerUnavailable as exc:
-                    log.info("push of %s to %s failed: %s", chunk_id.hex()[:16], node_id[:12], exc)
-                    continue
-                if isinstance(reply, Stored):
-                    done += 1
-                    finished = done >= want
-                    await self.db.write(
-                        lambda t, n=node_id, f=finished: t.add_holder(chunk_id, n, f)
-                    )
-                elif isinstance(reply, Error):
-                    log.info("peer %s refused chunk %s: %s", node_id[:12], chunk_id.hex()[:16],
-                             reply.code)  # fmt: skip
-            if done < want:
-                failures = self._failures.get(chunk_id, 0) + 1
-                self._failures[chunk_id] = failures
-                self._retry_at[chunk_id] = trio.current_time() + min(60.0, 0.5 * 2**failures)
-            else:
-                self._failures.pop(chunk_id, None)
-                self._retry_at.pop(chunk_id, None)
+            async with self._pool.hold(CHUNK_SIZE):
+                await self._push_to_peers(chunk_id, peers, holders, want, done)
         finally:
             limiter.release()
+
+    async def _push_to_peers(
+        self,
+        chunk_id: bytes,
+        peers: dict[str, PeerConnection],
+        holders: set[str],
+        want: int,
+        done: int,
+    ) -> None:
+        try:
+            data = await trio.to_thread.run_sync(self.store.get, chunk_id)
+        except ChunkMissing:  # superseded and deleted meanwhile
+            await self.db.write(lambda t: t.unqueue(chunk_id))
+            return
+        for node_id in rank(chunk_id, peers):
+            if done >= want:
+                break
+            if node_id in holders:
+                continue
+            try:
+                reply = await peers[node_id].request(ChunkPut(chunk_id=chunk_id, data=data))
+            except PeerUnavailable as exc:
+                log.info("push of %s to %s failed: %s", chunk_id.hex()[:16], node_id[:12], exc)
+                continue
+            if isinstance(reply, Stored):
+                done += 1
+                finished = done >= want
+                await self.db.write(lambda t, n=node_id, f=finished: t.add_holder(chunk_id, n, f))
+            elif isinstance(reply, Error):
+                log.info("peer %s refused chunk %s: %s", node_id[:12], chunk_id.hex()[:16],
+                         reply.code)  # fmt: skip
+        if done < want:
+            failures = self._failures.get(chunk_id, 0) + 1
+            self._failures[chunk_id] = failures
+            self._retry_at[chunk_id] = trio.current_time() + min(60.0, 0.5 * 2**failures)
+        else:
+            self._failures.pop(chunk_id, None)
+            self._retry_at.pop(chunk_id, None)
 
 
 class Fetcher:
@@ -204,11 +229,15 @@ class Fetcher:
         self._slots = trio.Semaphore(FETCH_PARALLEL)
         self._missing: dict[bytes, float] = {}  # chunk id -> until when "nobody has it" holds
 
-    async def fetch(self, chunk_id: bytes, h: bytes) -> bytes:
+    async def fetch(self, chunk_id: bytes, h: bytes, accept: Callable[[bytes], bytes]) -> bytes:
         async with self._slots:
-            return await self._fetch(chunk_id)
+            return await self._fetch(chunk_id, accept)
 
-    async def _fetch(self, chunk_id: bytes) -> bytes:
+    async def stored(self, chunk_id: bytes, size: int) -> None:
+        """The reader wrote the fetched chunk's cache file: record it (unpinned, evictable)."""
+        await self.db.write(lambda t: t.add_chunk(chunk_id, size, pinned=False))
+
+    async def _fetch(self, chunk_id: bytes, accept: Callable[[bytes], bytes]) -> bytes:
         """Ask every connected peer (holders first), waiting (bounded) for known peers that
         are not connected yet. A chunk every known peer lacks fails at once, and is
         remembered briefly so the kernel's retries of the same read do not wait again."""
@@ -223,9 +252,8 @@ class Fetcher:
                 candidates.sort(key=lambda c: (c.peer_id not in holders, c.rtt_ms or 1e9))
                 for conn in candidates:
                     asked.append(conn.peer_id)
-                    data = await self._ask(conn, chunk_id)
+                    data = await self._ask(conn, chunk_id, accept)
                     if data is not None:
-                        await self._remember(chunk_id, len(data))
                         return data
                 known = {p.id for p in self.peers.peers()}
                 if asked and known <= set(asked):
@@ -245,10 +273,9 @@ class Fetcher:
         log.error("chunk %s: no peer could provide it (asked: %s)", chunk_id.hex()[:16], names)
         raise ChunkMissing(f"chunk {chunk_id.hex()[:16]} is on no reachable peer (asked: {names})")
 
-    async def _remember(self, chunk_id: bytes, size: int) -> None:
-        await self.db.write(lambda t: t.add_chunk(chunk_id, size, pinned=False))
-
-    async def _ask(self, conn: PeerConnection, chunk_id: bytes) -> bytes | None:
+    async def _ask(
+        self, conn: PeerConnection, chunk_id: bytes, accept: Callable[[bytes], bytes]
+    ) -> bytes | None:
         try:
             reply = await conn.request(ChunkGet(chunk_id=chunk_id))
         except PeerUnavailable as exc:
@@ -256,8 +283,19 @@ class Fetcher:
             return None
         if not isinstance(reply, Chunk):
             return None
-        if not await trio.to_thread.run_sync(id_matches, chunk_id, reply.data):
+        ciphertext = reply.data
+        del reply  # the ciphertext goes on to the reader alone
+
+        def check() -> bytes | None:  # id and ``accept`` in one worker-thread call
+            return accept(ciphertext) if id_matches(chunk_id, ciphertext) else None
+
+        try:
+            result = await trio.to_thread.run_sync(check)
+        except CorruptChunk as exc:
+            log.warning("peer %s served chunk %s that does not open (%s); skipped",
+                        conn, chunk_id.hex()[:16], exc)  # fmt: skip
+            return None
+        if result is None:
             log.warning("peer %s served chunk %s with wrong content; skipped",
                         conn, chunk_id.hex()[:16])  # fmt: skip
-            return None
-        return reply.data
+        return result

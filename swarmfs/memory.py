@@ -1,0 +1,105 @@
+"""The node-wide memory budget (DESIGN.md §5 "Resources"), in bytes.
+
+Chunk-sized buffers are the only memory that grows with traffic, so each place
+that holds them takes its bytes from one ``MemoryBudget`` (default 64 MiB)
+before it makes them: read-ahead and fetches in flight, the decrypted-chunk
+cache, pushes in flight, incoming frame bodies and outgoing chunk frames. The
+budget is split into pools with fixed shares, not one shared counter, because
+one pool must never wait on another that only the network can free: an
+incoming ``chunk_put`` body (``receive``) is freed by local work (verify,
+store) alone, so a reader that waits on ``receive`` always resumes, whatever
+the pushes and replies in ``send`` are waiting for. Where the waits go:
+
+- ``receive``: taken by a connection's reader when a frame header announces a
+  large body, *before* the body is read (TCP back-pressure reaches the
+  sender); freed when the frame is handled (a request) or handed to the task
+  that asked for it (a reply, which its ``fetch`` share already covers).
+- ``send``: a chunk read from disk to answer a peer's ``chunk_get``, until the
+  reply is written.
+- ``push``: a chunk read from disk to push to peers, until they answered.
+- ``fetch``: a chunk being loaded, fetched or decrypted for a read or a
+  read-ahead, ciphertext and plaintext, until the plaintext is in the cache
+  and its cache file written.
+- ``cache``: decrypted chunks kept for the reader (``fs.content.ChunkIO``),
+  evicted, never waited for.
+
+A pool lets one holder exceed it when it is otherwise empty, so a frame larger
+than a small test budget still moves. Each pool counts ``used`` and its
+high-water mark ``peak`` (tests assert on them). Trio-only: not thread-safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+
+from swarmfs import CHUNK_SIZE
+
+MEMORY_BUDGET = 64 * 1024 * 1024
+"""Default node-wide budget."""
+
+# Shares of the budget, in sixteenths: 8 + 8 + 8 + 20 + 20 MiB of the default.
+_SHARES = {"receive": 2, "send": 2, "push": 2, "fetch": 5, "cache": 5}
+
+
+class Pool:
+    """Bytes of one kind held at once, bounded by ``limit``; waits are FIFO-free but fair enough."""
+
+    def __init__(self, name: str, limit: int) -> None:
+        self.name = name
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+        self._freed = trio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Pool {self.name} {self.used}/{self.limit}>"
+
+    def fits(self, size: int) -> bool:
+        return self.used == 0 or self.used + size <= self.limit
+
+    async def acquire(self, size: int) -> None:
+        """Wait until ``size`` bytes fit (or the pool is empty), then take them."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while not self.fits(size):
+            await self._freed.wait()
+        self.take(size)
+
+    def take(self, size: int) -> None:
+        """Take bytes without waiting (for memory that is evicted, not waited for)."""
+        self.used += size
+        if self.used > self.peak:
+            self.peak = self.used
+
+    def release(self, size: int) -> None:
+        self.used -= size
+        assert self.used >= 0, f"{self.name} pool released more than it held"
+        freed, self._freed = self._freed, trio.Event()
+        freed.set()
+
+    @asynccontextmanager
+    async def hold(self, size: int) -> AsyncIterator[None]:
+        await self.acquire(size)
+        try:
+            yield
+        finally:
+            self.release(size)
+
+
+class MemoryBudget:
+    """The node's pools; see the module docstring."""
+
+    def __init__(self, total: int = MEMORY_BUDGET) -> None:
+        self.total = total
+        parts = sum(_SHARES.values())
+        floor = CHUNK_SIZE  # every pool can hold at least one chunk at a time
+        self.receive = Pool("receive", max(floor, total * _SHARES["receive"] // parts))
+        self.send = Pool("send", max(floor, total * _SHARES["send"] // parts))
+        self.push = Pool("push", max(floor, total * _SHARES["push"] // parts))
+        self.fetch = Pool("fetch", max(floor, total * _SHARES["fetch"] // parts))
+        self.cache = Pool("cache", max(floor, total * _SHARES["cache"] // parts))
+
+    def pools(self) -> list[Pool]:
+        return [self.receive, self.send, self.push, self.fetch, self.cache]

@@ -1,0 +1,210 @@
+"""The node-wide memory budget bounds chunk buffers (DESIGN.md §5 "Resources").
+
+A peer that pushes 32 chunks at once, or asks for 32 at once, must not make
+this node hold 32 chunk bodies; read-ahead must not hold more than its pool
+either. The bounds are read from the pools' own counters (``used``/``peak``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+import trio.testing
+
+from swarmfs import CHUNK_SIZE
+from swarmfs.crypto import chunks as chunk_crypto
+from swarmfs.errors import ChunkMissing
+from swarmfs.fs.content import ChunkIO
+from swarmfs.memory import MemoryBudget, Pool
+from swarmfs.meta.records import Block
+from swarmfs.net.peer import MAX_IN_FLIGHT, ConnectionSettings, PeerConnection
+from swarmfs.net.wire import (
+    MAX_FRAME,
+    Chunk,
+    ChunkGet,
+    ChunkPut,
+    FrameDecoder,
+    Message,
+    Ping,
+    Stored,
+    decode_message,
+    encode_frame,
+)
+from swarmfs.store.cas import ChunkStore
+
+MiB = 1024 * 1024
+KEY = bytes(range(32))
+
+
+@asynccontextmanager
+async def raw_peer(
+    handlers: dict, settings: ConnectionSettings
+) -> AsyncIterator[tuple[PeerConnection, trio.abc.Stream]]:
+    left, right = trio.testing.memory_stream_pair()
+    conn = PeerConnection(
+        left, peer_id="r" * 26, address="raw:1", outbound=False, handlers=handlers,
+        settings=settings,
+    )  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        await nursery.start(conn.run)
+        yield conn, right
+        nursery.cancel_scope.cancel()
+
+
+class Gate:
+    """Handlers that wait until released, counting how many are inside at once."""
+
+    def __init__(self) -> None:
+        self.inside = 0
+        self.most = 0
+        self.entered = 0
+        self.open = trio.Event()
+
+    async def enter(self) -> None:
+        self.inside += 1
+        self.entered += 1
+        self.most = max(self.most, self.inside)
+        try:
+            await self.open.wait()
+        finally:
+            self.inside -= 1
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await trio.testing.wait_all_tasks_blocked()
+        if not condition():
+            await trio.sleep(0.01)
+
+
+async def test_incoming_puts_wait_for_the_receive_pool_before_their_bodies() -> None:
+    """32 chunk_puts at once: at most the pool's worth of bodies is read and handled."""
+    pool = Pool("receive", 4 * MiB + 4 * 1024)
+    gate = Gate()
+
+    async def on_put(peer: PeerConnection, msg: Message) -> Message:
+        assert isinstance(msg, ChunkPut)
+        await gate.enter()
+        return Stored(chunk_id=msg.chunk_id)
+
+    body = bytes(CHUNK_SIZE + 17)
+    settings = ConnectionSettings(receive_pool=pool)
+    with trio.fail_after(20):
+        async with raw_peer({"chunk_put": on_put}, settings) as (conn, far):
+            async with trio.open_nursery() as nursery:
+
+                async def push_all() -> None:
+                    for i in range(1, MAX_IN_FLIGHT + 1):
+                        cid = i.to_bytes(32, "big")
+                        await far.send_all(encode_frame(ChunkPut(id=i, chunk_id=cid, data=body)))
+
+                nursery.start_soon(push_all)
+                await wait_until(lambda: gate.inside == 4 and pool.used > 4 * len(body) - 1)
+                await trio.testing.wait_all_tasks_blocked()
+                assert gate.inside == 4  # the reader waits for memory, not for the handlers
+                assert pool.used <= pool.limit
+                gate.open.set()
+                decoder, replies = FrameDecoder(), []
+                while len(replies) < MAX_IN_FLIGHT:
+                    for frame in decoder.feed(await far.receive_some()):
+                        if not isinstance(reply := decode_message(frame), Ping):
+                            replies.append(reply)
+            assert all(isinstance(r, Stored) for r in replies)
+            assert gate.entered == MAX_IN_FLIGHT and gate.most == 4
+            assert pool.peak <= pool.limit and pool.used == 0
+            assert not conn.closed
+
+
+async def test_chunk_replies_wait_for_the_send_pool_before_the_handler_runs() -> None:
+    """32 chunk_gets from a peer that does not read: only the send pool's worth is loaded."""
+    pool = Pool("send", 3 * MAX_FRAME)
+    gate = Gate()
+    data = bytes(CHUNK_SIZE + 17)
+
+    async def on_get(peer: PeerConnection, msg: Message) -> Message:
+        assert isinstance(msg, ChunkGet)
+        await gate.enter()
+        return Chunk(chunk_id=msg.chunk_id, data=data)
+
+    settings = ConnectionSettings(send_pool=pool)
+    with trio.fail_after(20):
+        async with raw_peer({"chunk_get": on_get}, settings) as (conn, far):
+            frames = b"".join(
+                encode_frame(ChunkGet(id=i, chunk_id=i.to_bytes(32, "big")))
+                for i in range(1, MAX_IN_FLIGHT + 1)
+            )
+            await far.send_all(frames)
+            await wait_until(lambda: gate.inside == 3)
+            await trio.testing.wait_all_tasks_blocked()
+            assert gate.inside == 3 and pool.used == pool.limit
+            gate.open.set()
+            decoder, replies = FrameDecoder(), []
+            while len(replies) < MAX_IN_FLIGHT:
+                for frame in decoder.feed(await far.receive_some()):
+                    if not isinstance(reply := decode_message(frame), Ping):  # keepalive
+                        replies.append(reply)
+            assert all(isinstance(r, Chunk) and r.data == data for r in replies)
+            assert gate.most <= 3 and pool.peak <= pool.limit and pool.used == 0
+            assert not conn.closed
+
+
+class SlowSource:
+    """A ``ChunkSource`` serving sealed chunks after the gate opens."""
+
+    def __init__(self, sealed: dict[bytes, bytes]) -> None:
+        self.sealed = sealed
+        self.gate = Gate()
+        self.stored_ids: list[bytes] = []
+
+    async def fetch(self, chunk_id: bytes, h: bytes, accept: Callable[[bytes], bytes]) -> bytes:
+        await self.gate.enter()
+        if chunk_id not in self.sealed:
+            raise ChunkMissing("nowhere")
+        ciphertext = self.sealed[chunk_id]
+        assert chunk_crypto.id_matches(chunk_id, ciphertext)
+        return await trio.to_thread.run_sync(accept, ciphertext)
+
+    async def stored(self, chunk_id: bytes, size: int) -> None:
+        self.stored_ids.append(chunk_id)
+
+
+async def test_read_ahead_and_fetches_stay_within_the_fetch_pool(tmp_path: Path) -> None:
+    """A read-ahead of 16 missing chunks fetches only as many at once as the pool holds,
+    answers from memory, and writes the cache files behind the reader."""
+    budget = MemoryBudget(total=16 * MiB)
+    per_load = 2 * CHUNK_SIZE
+    at_once = budget.fetch.limit // per_load
+    assert 1 <= at_once < 16
+    store = ChunkStore(tmp_path / "chunks")
+    blocks, sealed, plain = [], {}, {}
+    for i in range(16):
+        data = bytes([i]) * CHUNK_SIZE
+        s = chunk_crypto.seal(KEY, data)
+        blocks.append(Block(s.chunk_id, s.h, s.length))
+        sealed[s.chunk_id] = s.ciphertext
+        plain[s.chunk_id] = data
+    source = SlowSource(sealed)
+    io = ChunkIO(store, KEY, source=source, budget=budget)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            io.nursery = nursery
+            io.prefetch(blocks)
+            await wait_until(lambda: source.gate.inside == at_once)
+            await trio.testing.wait_all_tasks_blocked()
+            assert source.gate.inside == at_once
+            assert budget.fetch.used <= budget.fetch.limit
+            source.gate.open.set()
+            for block in blocks:
+                assert block.chunk_id is not None
+                assert await io.read(block) == plain[block.chunk_id]
+            await wait_until(lambda: budget.fetch.used == 0)
+        io.nursery = None
+    assert source.gate.most == at_once
+    assert budget.fetch.peak <= budget.fetch.limit
+    assert budget.cache.peak <= budget.cache.limit
+    assert sorted(source.stored_ids) == sorted(sealed)  # every cache file written, recorded
+    for cid, ciphertext in sealed.items():
+        assert store.get(cid) == ciphertext
