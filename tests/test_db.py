@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
 from swarmfs.meta.db import ROOT_INO, Database, Txn, now_ns
 from swarmfs.meta.records import Block, Kind, Order, VersionVector
@@ -255,3 +259,40 @@ def test_database_is_in_wal_mode(db: Database, tmp_path: Path) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         conn.close()
+
+
+async def test_small_writes_commit_on_the_loop_and_the_wal_is_checkpointed(
+    tmp_path: Path, db: Database
+) -> None:
+    """Creates run inline (no thread switch) unless a write is already under way, and
+    since commits no longer checkpoint by themselves, the periodic checkpoint must
+    keep the WAL from growing with every create."""
+    loop_thread = threading.get_ident()
+    threads: set[int] = set()
+
+    def create(t: Txn, path: bytes) -> None:
+        threads.add(threading.get_ident())
+        t.create(path, Kind.FILE, 0o644, 0, 0, now_ns())
+
+    for i in range(2000):
+        await db.write(lambda t, i=i: create(t, b"f%d" % i), small=True)
+    assert threads == {loop_thread}
+    assert db.reader.by_path(b"f1999") is not None
+    wal = tmp_path / "swarmfs.db-wal"
+    assert wal.stat().st_size < 8 << 20, "2 000 creates without a checkpoint fill ~100 MiB"
+
+    started, release = trio.Event(), threading.Event()
+
+    def slow(t: Txn) -> None:
+        trio.from_thread.run_sync(started.set)
+        release.wait(10)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(db.write, slow)
+        await started.wait()
+        threads.clear()
+        nursery.start_soon(functools.partial(db.write, small=True), lambda t: create(t, b"x"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert threads == set(), "a small write waits for the write under way"
+        release.set()
+    assert threads and loop_thread not in threads

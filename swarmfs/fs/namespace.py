@@ -37,6 +37,7 @@ READ_AHEAD = 8  # chunks prefetched ahead of a sequential reader
 SEAL_AHEAD = 4  # full chunks being hashed and encrypted behind the writers, node-wide
 MAX_FILE_SIZE = 1 << 43  # 8 TiB: larger offsets get EFBIG
 READDIR_BATCH = 256
+SMALL_FILE = 64 * CHUNK_SIZE  # freeing a detached file up to this size commits on the loop
 
 _KIND_BITS = {
     Kind.FILE: stat.S_IFREG,
@@ -233,7 +234,8 @@ class Filesystem:
                 return
             self._drop_staging(ino)
             self._displaced.pop(ino, None)
-            gone = await self.db.write(lambda t: t.forget_hidden(ino))
+            small = row.size <= SMALL_FILE  # its blocks are dropped in the transaction
+            gone = await self.db.write(lambda t: t.forget_hidden(ino), small=small)
             await self._delete_chunks(gone)
         except Exception:
             log.exception("freeing detached inode %d failed", ino)
@@ -317,7 +319,7 @@ class Filesystem:
                 raise FsError(errno.EEXIST)
             return t.create(path, kind, perm, caller.uid, gid, now, target)
 
-        rid, ino = await self.db.write(txn)
+        rid, ino = await self.db.write(txn, small=True)
         row = self.db.reader.by_rid(rid)
         assert row is not None
         return self._entry(row, ino)
@@ -346,7 +348,7 @@ class Filesystem:
             row = self.db.reader.by_rid(row.rid) or row
         keep = ino if ino is not None and self._known(ino) else None
         now = now_ns()
-        await self.db.write(lambda t: t.delete(row, now, keep))
+        await self.db.write(lambda t: t.delete(row, now, keep), small=True)
 
     def _known(self, ino: int) -> bool:
         return self._lookups.get(ino, 0) > 0 or any(h.ino == ino for h in self._handles.values())
@@ -444,7 +446,7 @@ class Filesystem:
                 if row.kind == Kind.FILE:
                     attrs["mode"] = current & ~(stat.S_ISUID | stat.S_ISGID)  # type: ignore[operator]
             now = now_ns()
-            await self.db.write(lambda t: t.update_attrs(row.rid, now, **attrs))
+            await self.db.write(lambda t: t.update_attrs(row.rid, now, **attrs), small=True)
         return self.attr_of(self._row(ino), ino)
 
     async def readlink(self, ino: int) -> bytes:
