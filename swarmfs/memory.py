@@ -30,6 +30,7 @@ high-water mark ``peak`` (tests assert on them). Trio-only: not thread-safe.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -103,3 +104,21 @@ class MemoryBudget:
 
     def pools(self) -> list[Pool]:
         return [self.receive, self.send, self.push, self.fetch, self.cache]
+
+
+def keep_chunk_buffers_out_of_the_heap() -> None:
+    """Pin glibc's mmap threshold below the chunk size.
+
+    glibc raises the threshold to the largest block freed so far, so after the
+    first 1 MiB chunk buffer is freed, later ones come from per-thread heaps that
+    keep what they held: the node's RSS then climbs with the data it moved, past
+    the budget. With a fixed threshold every chunk buffer is its own mapping,
+    returned to the system when freed. Measured with the fetch and push runs of
+    ``contrib/bench``: peak RSS ~100 → ~83 MiB. No effect on other C libraries.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold = -3  # from <malloc.h>
+    libc.mallopt(m_mmap_threshold, 256 * 1024)
