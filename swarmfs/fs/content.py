@@ -38,6 +38,7 @@ from swarmfs.store.cas import ChunkStore
 log = logging.getLogger(__name__)
 
 PREFETCH_PARALLEL = 8  # chunks loaded ahead at once, node-wide
+LOAD_PARALLEL = 8  # chunk files read (and decrypted) at once: mostly waiting on the disk
 
 
 class ChunkSource(Protocol):
@@ -70,6 +71,7 @@ class ChunkIO:
         self.store = store
         self._key = content_key
         self._limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
+        self._load_limiter = trio.CapacityLimiter(LOAD_PARALLEL)
         self.budget = budget or MemoryBudget()
         self._plain: OrderedDict[bytes, bytes] = OrderedDict()
         self._cache_pool = self.budget.cache
@@ -126,7 +128,7 @@ class ChunkIO:
         await self._fetch_pool.acquire(held)
         try:
             try:
-                return await trio.to_thread.run_sync(self._load, block, limiter=self._limiter)
+                return await trio.to_thread.run_sync(self._load, block, limiter=self._load_limiter)
             except (ChunkMissing, CorruptChunk) as exc:
                 if self.source is None:
                     raise
