@@ -116,8 +116,8 @@ def test_directory_rename_keeps_every_descendants_inode(db: Database) -> None:
         assert row is not None and row.path == new and not row.deleted, (old, row)
     for old in (b"d", b"d/sub", b"d/sub/f", b"d/g"):
         assert db.reader.by_path(old).deleted  # type: ignore[union-attr]
-    assert [r.name for r in db.reader.children(b"e", 0, 10)] == [b"sub", b"g"]
-    assert db.reader.children(b"d", 0, 10) == []
+    assert [r.name for r, _ in db.reader.entries(b"e", 0, 10)] == [b"sub", b"g"]
+    assert db.reader.entries(b"d", 0, 10) == []
 
 
 def test_tombstones_are_kept_with_bumped_version_vectors(db: Database) -> None:
@@ -131,7 +131,7 @@ def test_tombstones_are_kept_with_bumped_version_vectors(db: Database) -> None:
     assert tomb.version == VersionVector.of({NODE: 2})
     assert tomb.sequence > row.sequence
     assert tomb.modified_by == NODE
-    assert db.reader.children(b"", 0, 10) == []  # not listed
+    assert db.reader.entries(b"", 0, 10) == []  # not listed
     assert not db.reader.has_children(b"")
     # still there after many more changes: nothing garbage-collects tombstones
     for i in range(20):
@@ -250,7 +250,7 @@ def test_a_failed_transaction_changes_nothing(db: Database) -> None:
     with pytest.raises(RuntimeError):
         db.write_sync(bad)
     assert db.reader.by_path(b"ghost") is None
-    assert [r.name for r in db.reader.children(b"", 0, 10)] == [b"keep"]
+    assert [r.name for r, _ in db.reader.entries(b"", 0, 10)] == [b"keep"]
 
 
 def test_database_is_in_wal_mode(db: Database, tmp_path: Path) -> None:

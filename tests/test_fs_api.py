@@ -27,6 +27,7 @@ from swarmfs.fs.content import ChunkIO
 from swarmfs.fs.namespace import MAX_FILE_SIZE, Caller, Filesystem, FsError
 from swarmfs.fuse.operations import Operations
 from swarmfs.meta.db import ROOT_INO, Database
+from swarmfs.meta.records import Block, Kind, Record
 from swarmfs.store.cas import ChunkStore
 
 MiB = CHUNK_SIZE
@@ -722,3 +723,56 @@ async def test_a_chunk_rewritten_before_the_commit_is_neither_kept_nor_pushed(
     assert len(stored) == 1, "only the chunk the committed version uses is on disk"
     queued = {c for c, _ in db.reader.push_batch(10)}
     assert queued == stored
+
+
+@pytest.mark.parametrize("listing", [False, True], ids=["lookup", "readdir"])
+async def test_an_entry_pairs_an_inode_with_its_own_attributes(h: Harness, listing: bool) -> None:
+    """A remote version that commits between the statements reading a path's record and
+    its inode gave the kernel the new inode with the old version's size (so a reader of
+    the new content could stop short)."""
+    await h.put(b"doc", b"old")
+    row = h.db.reader.by_path(b"doc")
+    assert row is not None
+    remote = Record(
+        b"doc", Kind.FILE, 0o644, 0, 0, 11, 1, row.version.bump("peerpeerpeerpeerpeerpeer00"),
+        "peerpeerpeerpeerpeerpeer00", blocks=(Block(b"\x07" * 32, b"\x08" * 32, 11),),
+    )  # fmt: skip
+    reader = h.db.reader.conn
+
+    def commit_in_between(statement: str) -> None:
+        if statement.startswith("SELECT ino FROM inodes WHERE rid"):  # the second statement
+            reader.set_trace_callback(None)
+            h.db.write_sync(lambda t: t.apply_remote(remote))
+
+    reader.set_trace_callback(commit_in_between)
+    try:
+        if listing:
+            fh = await h.fs.opendir(ROOT_INO)
+            ((name, attr, _),) = list(await h.fs.readdir(fh, 0))
+            assert name == b"doc"
+        else:
+            attr = await h.fs.lookup(ROOT_INO, b"doc")
+    finally:
+        reader.set_trace_callback(None)
+    current = h.db.reader.by_ino(attr.ino)
+    assert current is not None
+    assert attr.size == current.size
+
+
+async def test_a_detached_inode_the_kernel_was_handed_meanwhile_is_not_freed(h: Harness) -> None:
+    """GC sweeps detached inodes against a list of known ones taken before it awaits; a
+    lookup answered meanwhile may hold one of them, which must then stay."""
+    ino = await h.put(b"doc", b"old")  # the kernel holds one lookup of it
+    row = h.db.reader.by_path(b"doc")
+    assert row is not None
+    remote = Record(
+        b"doc", Kind.FILE, 0o644, 0, 0, 3, 1, row.version.bump("peerpeerpeerpeerpeerpeer00"),
+        "peerpeerpeerpeerpeerpeer00", blocks=(Block(b"\x07" * 32, b"\x08" * 32, 3),),
+    )  # fmt: skip
+    h.db.write_sync(lambda t: t.apply_remote(remote))
+    detached = h.db.reader.by_ino(ino)
+    assert detached is not None and detached.hidden
+    await h.fs._free_if_detached(ino)  # as a sweep whose list predates the lookup would
+    assert h.db.reader.by_ino(ino) is not None
+    await h.fs.forget([(ino, 1)])
+    assert h.db.reader.by_ino(ino) is None, "freed once the kernel forgets it"

@@ -184,7 +184,7 @@ async def test_concurrent_edits_keep_both_versions(tmp_path: Path) -> None:
             a = await cluster.start(0)
 
             def names(node: Node) -> list[bytes]:
-                return [r.name for r in node.db.reader.children(b"", 0, 100)]
+                return [r.name for r, _ in node.db.reader.entries(b"", 0, 100)]
 
             def both_versions(node: Node) -> bool:
                 return any(b"sync-conflict" in n for n in names(node))
@@ -279,7 +279,7 @@ async def test_every_save_of_a_file_changed_remotely_while_open_survives(tmp_pat
                 await b.fs.flush(fh)
 
             def contents(node: Node) -> set[bytes]:
-                return {r.name for r in node.db.reader.children(b"", 0, 100)}
+                return {r.name for r, _ in node.db.reader.entries(b"", 0, 100)}
 
             async def all_content(node: Node) -> set[bytes]:
                 return {await read_file(node, name) for name in contents(node)}
@@ -288,7 +288,7 @@ async def test_every_save_of_a_file_changed_remotely_while_open_survives(tmp_pat
                 await eventually(
                     lambda n=node: any(
                         r.size == len(b"second local save!")
-                        for r in n.db.reader.children(b"", 0, 100)
+                        for r, _ in n.db.reader.entries(b"", 0, 100)
                     ),
                     "the second save everywhere",
                 )

@@ -1005,6 +1005,7 @@ def main() -> int:
     ]
     results = Results(args.rounds)
     started = time.time()
+    args.workdir.mkdir(parents=True, exist_ok=True)
     try:
         services.ensure_apt_packages(log)
         with (

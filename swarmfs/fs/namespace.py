@@ -204,10 +204,10 @@ class Filesystem:
             return self._entry(up, self._ino_for(up))
         if len(name) > NAME_MAX:
             raise FsError(errno.ENAMETOOLONG)
-        row = self._child(parent, name)
-        if row is None:
+        found = self.db.reader.entry(join(parent.path, name))
+        if found is None:
             raise FsError(errno.ENOENT)
-        return self._entry(row, self._ino_for(row))
+        return self._entry(*found)
 
     async def getattr(self, ino: int) -> Attr:
         return self.attr_of(self._row(ino), ino)
@@ -230,8 +230,8 @@ class Filesystem:
     async def _free_if_detached(self, ino: int) -> None:
         try:
             row = self.db.reader.by_ino(ino)
-            if row is None or not row.hidden:
-                return
+            if row is None or not row.hidden or ino in self.known_inodes():
+                return  # a lookup racing a remote change may have handed it out since
             self._drop_staging(ino)
             self._displaced.pop(ino, None)
             small = row.size <= SMALL_FILE  # its blocks are dropped in the transaction
@@ -260,13 +260,8 @@ class Filesystem:
             raise FsError(errno.ENOTDIR)
         if row.deleted or row.hidden:
             return iter(())
-        children = self.db.reader.children(row.path, start, READDIR_BATCH)
-        out = []
-        for child in children:
-            child_ino = self.db.reader.ino_of(child.rid)
-            if child_ino is not None:
-                out.append((child.name, self.attr_of(child, child_ino), child.rid))
-        return iter(out)
+        entries = self.db.reader.entries(row.path, start, READDIR_BATCH)
+        return iter([(child.name, self.attr_of(child, ino), child.rid) for child, ino in entries])
 
     async def mkdir(self, parent_ino: int, name: bytes, mode: int, caller: Caller) -> Attr:
         return await self._create_node(parent_ino, name, Kind.DIR, mode, caller)

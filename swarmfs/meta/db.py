@@ -156,6 +156,8 @@ _ROW_COLUMNS = (
     " modified_by, deleted, sequence, bl, hidden"
 )
 
+_ROW_COLUMNS_OF_RECORDS = ", ".join(f"records.{c.strip()}" for c in _ROW_COLUMNS.split(","))
+
 
 def _row(t: tuple) -> Row:
     return Row(
@@ -229,13 +231,28 @@ class Queries:
         r = self.conn.execute("SELECT ino FROM inodes WHERE rid=?", (rid,)).fetchone()
         return None if r is None else r[0]
 
-    def children(self, parent: bytes, after_rid: int, limit: int) -> list[Row]:
+    def entry(self, path: bytes) -> tuple[Row, int] | None:
+        """The live record at ``path`` and its inode, from one statement: two would each
+        see their own snapshot, and a remote change committed between them would pair
+        the new inode with the old version's attributes."""
+        r = self.conn.execute(
+            f"SELECT {_ROW_COLUMNS_OF_RECORDS}, inodes.ino FROM records"
+            " JOIN inodes ON inodes.rid=records.rid WHERE records.path=? AND records.deleted=0",
+            (path,),
+        ).fetchone()
+        return None if r is None else (_row(r), r[-1])
+
+    def entries(self, parent: bytes, after_rid: int, limit: int) -> list[tuple[Row, int]]:
+        """Live children after ``after_rid`` with their inodes, in one statement (see
+        ``entry``)."""
         rows = self.conn.execute(
-            f"SELECT {_ROW_COLUMNS} FROM records WHERE parent=? AND deleted=0 AND rid>?"
-            " ORDER BY rid LIMIT ?",
+            f"SELECT {_ROW_COLUMNS_OF_RECORDS}, inodes.ino FROM records"
+            " JOIN inodes ON inodes.rid=records.rid"
+            " WHERE records.parent=? AND records.deleted=0 AND records.rid>?"
+            " ORDER BY records.rid LIMIT ?",
             (parent, after_rid, limit),
         ).fetchall()
-        return [_row(r) for r in rows]
+        return [(_row(r), r[-1]) for r in rows]
 
     def has_children(self, parent: bytes) -> bool:
         r = self.conn.execute(
