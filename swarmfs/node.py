@@ -253,6 +253,7 @@ class Node:
                     self.fs.kernel = invalidator
                     nursery.start_soon(self._run_fuse)
                     await trio.to_thread.run_sync(os.stat, self.mountpoint)
+                    mount.raise_readahead(self.mountpoint)  # now that INIT was answered
                     log.info("mounted %s (node %s)", self.mountpoint, self.node_id)
                 task_status.started()
                 await self._shutdown.wait()

@@ -29,6 +29,8 @@ from mounted import (
     wait_until,
 )
 
+from swarmfs.fuse.mount import READ_AHEAD_KIB, _mount_device
+
 pytestmark = pytest.mark.mounted
 
 MiB = 1024 * 1024
@@ -255,6 +257,28 @@ def test_statfs_reports_name_max_255(mnt: Path) -> None:
     assert st.f_blocks > 0 and st.f_bsize > 0
     result = run(["stat", "-f", "-c", "%l %T", mnt])
     assert result.stdout.split()[0] == "255"
+
+
+def _bdi(path: Path) -> Path:
+    device = os.stat(path).st_dev
+    return Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}")
+
+
+def test_the_kernel_reads_a_whole_chunk_ahead(mnt: Path) -> None:
+    """FUSE mounts get 128 KiB of read-ahead; a chunk's worth doubles cold reads."""
+    assert (_bdi(mnt) / "read_ahead_kb").read_text().strip() == str(READ_AHEAD_KIB)
+
+
+def test_a_mount_is_found_in_mountinfo_by_its_escaped_path(tmp_path: Path) -> None:
+    """mountinfo writes a space, tab or backslash in a path as an octal escape."""
+    target = tmp_path / "a space\\and\ta backslash"
+    target.mkdir()
+    run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", target])
+    try:
+        device = os.stat(target).st_dev
+        assert _mount_device(target) == f"{os.major(device)}:{os.minor(device)}"
+    finally:
+        run(["umount", target])
 
 
 def test_names_mounted(mnt: Path) -> None:
