@@ -11,6 +11,7 @@ are never reused. Version vectors are stored as JSON text.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -172,13 +173,20 @@ def _row(t: tuple) -> Row:
         ctime_ns=t[8],
         atime_ns=t[9],
         target=bytes(t[10]),
-        version=VersionVector.of(json.loads(t[11])),
+        version=_parse_vv(t[11]),
         modified_by=t[12],
         deleted=bool(t[13]),
         sequence=t[14],
         bl=t[15],
         hidden=bool(t[16]),
     )
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_vv(text: str) -> VersionVector:
+    """Version vectors repeat across rows and reads (they are immutable, so one parse
+    serves all): parsing JSON for every row read was a tenth of a metadata request."""
+    return VersionVector.of(json.loads(text))
 
 
 def _vv(v: VersionVector) -> str:
@@ -1034,6 +1042,7 @@ class Database:
         self._writer = _connect(path)
         self._writer.execute("PRAGMA wal_autocheckpoint=0")  # see write(): not inside a commit
         self._writes = 0
+        self._checkpointing = False
         self._writer.executescript(SCHEMA)
         self._lock = threading.Lock()
         self._limiter = trio.CapacityLimiter(1)
@@ -1098,18 +1107,28 @@ class Database:
             changed, self._changed = self._changed, trio.Event()
             changed.set()
         self._writes += 1
-        if self._writes >= CHECKPOINT_EVERY:
-            self._writes = 0
-            with trio.CancelScope(shield=True):  # the write is committed: report it as such
-                await trio.to_thread.run_sync(self._checkpoint, limiter=self._limiter)
+        if self._writes >= CHECKPOINT_EVERY and not self._checkpointing:
+            self._writes, self._checkpointing = 0, True
+            # behind the caller: a checkpoint waits for the disk (~2 ms), a write need not
+            trio.lowlevel.spawn_system_task(self._checkpoint)
+        await trio.lowlevel.cancel_shielded_checkpoint()  # an inline commit did not yield
         return result
 
-    def _checkpoint(self) -> None:
+    async def _checkpoint(self) -> None:
+        """Copy the WAL into the database file, so the WAL stops growing. Never raises
+        (a system task): the WAL keeps every commit until the next one."""
         try:
-            with self._lock:
-                self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        except sqlite3.Error as exc:  # the WAL keeps every commit meanwhile
+            await trio.to_thread.run_sync(self._checkpoint_sync, limiter=self._limiter)
+        except sqlite3.Error as exc:
             log.warning("checkpointing the metadata WAL failed: %s", exc)
+        except trio.Cancelled:  # the run is ending; closing the database checkpoints
+            pass
+        finally:
+            self._checkpointing = False
+
+    def _checkpoint_sync(self) -> None:
+        with self._lock:
+            self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     async def wait_write(self) -> None:
         """Return after the next write transaction (committed or not)."""
