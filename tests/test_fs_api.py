@@ -725,18 +725,23 @@ async def test_a_chunk_rewritten_before_the_commit_is_neither_kept_nor_pushed(
     assert queued == stored
 
 
+def _newer_version_from_a_peer(h: Harness, path: bytes, size: int) -> Record:
+    """A record a peer would send for ``path``: it supersedes ours (its chunk is not here)."""
+    row = h.db.reader.by_path(path)
+    assert row is not None
+    peer = "peerpeerpeerpeerpeerpeer00"
+    block = Block(b"\x07" * 32, b"\x08" * 32, size)
+    version = row.version.bump(peer)
+    return Record(path, Kind.FILE, 0o644, 0, 0, size, 1, version, peer, blocks=(block,))
+
+
 @pytest.mark.parametrize("listing", [False, True], ids=["lookup", "readdir"])
 async def test_an_entry_pairs_an_inode_with_its_own_attributes(h: Harness, listing: bool) -> None:
     """A remote version that commits between the statements reading a path's record and
     its inode gave the kernel the new inode with the old version's size (so a reader of
     the new content could stop short)."""
     await h.put(b"doc", b"old")
-    row = h.db.reader.by_path(b"doc")
-    assert row is not None
-    remote = Record(
-        b"doc", Kind.FILE, 0o644, 0, 0, 11, 1, row.version.bump("peerpeerpeerpeerpeerpeer00"),
-        "peerpeerpeerpeerpeerpeer00", blocks=(Block(b"\x07" * 32, b"\x08" * 32, 11),),
-    )  # fmt: skip
+    remote = _newer_version_from_a_peer(h, b"doc", 11)
     reader = h.db.reader.conn
 
     def commit_in_between(statement: str) -> None:
@@ -763,12 +768,7 @@ async def test_a_detached_inode_the_kernel_was_handed_meanwhile_is_not_freed(h: 
     """GC sweeps detached inodes against a list of known ones taken before it awaits; a
     lookup answered meanwhile may hold one of them, which must then stay."""
     ino = await h.put(b"doc", b"old")  # the kernel holds one lookup of it
-    row = h.db.reader.by_path(b"doc")
-    assert row is not None
-    remote = Record(
-        b"doc", Kind.FILE, 0o644, 0, 0, 3, 1, row.version.bump("peerpeerpeerpeerpeerpeer00"),
-        "peerpeerpeerpeerpeerpeer00", blocks=(Block(b"\x07" * 32, b"\x08" * 32, 3),),
-    )  # fmt: skip
+    remote = _newer_version_from_a_peer(h, b"doc", 3)
     h.db.write_sync(lambda t: t.apply_remote(remote))
     detached = h.db.reader.by_ino(ino)
     assert detached is not None and detached.hidden

@@ -198,11 +198,13 @@ async def test_readers_waiting_on_a_read_ahead_that_cached_nothing_do_not_crash(
 # --- 3. a failed background seal reaches the writer -------------------------------------------
 
 
-async def test_a_background_seal_that_failed_fails_the_next_write(
-    tmp_path: Path, expect_log: Callable[[str], None]
+@pytest.mark.parametrize("commit_first", [False, True], ids=["next-write", "commit-retried"])
+async def test_a_background_seal_that_failed_is_reported_once(
+    tmp_path: Path, expect_log: Callable[[str], None], commit_first: bool
 ) -> None:
-    """A full chunk is sealed while the writer goes on; before the fix ENOSPC from that seal
-    surfaced only at close, after every further write had been accepted."""
+    """A full chunk is sealed while the writer goes on. Before the fix, ENOSPC from that
+    seal surfaced only at close, after every further write had been accepted; and once
+    a commit had retried the seal successfully, the next write still failed with it."""
     root = tmp_path / "data"
     expect_log(r"storing a written chunk of \S+ failed: \[Errno 28\]")
     with small_disk(root / "chunks") as disk:
@@ -216,40 +218,15 @@ async def test_a_background_seal_that_failed_fails_the_next_write(
                     h.fs.nursery = nursery
                     assert await h.fs.write(fh, 0, first) == MiB  # accepted, sealing behind
                     await h.fs._staging[ino].wait_inflight()  # that seal hit the full disk
-                    with pytest.raises(OSError) as failure:
-                        await h.fs.write(fh, MiB, b"more")
-                    assert failure.value.errno == errno.ENOSPC
-                    # reported once; with space again the writer goes on and loses nothing
-                    ballast.unlink()
-                    assert await h.fs.write(fh, MiB, b"more") == 4
-                    await h.fs.flush(fh)
-                    await h.fs.release(fh)
-                    h.fs.nursery = None
-            assert await h.cat(ino) == first + b"more"
-        finally:
-            h.close()
-
-
-async def test_a_seal_error_the_commit_recovered_from_is_not_reported_again(
-    tmp_path: Path, expect_log: Callable[[str], None]
-) -> None:
-    """The commit retries a failed seal; once it succeeded, the next write on the handle
-    used to fail with the stale ENOSPC although everything was committed."""
-    root = tmp_path / "data"
-    expect_log(r"storing a written chunk of \S+ failed: \[Errno 28\]")
-    with small_disk(root / "chunks") as disk:
-        h = Harness(root)
-        try:
-            fh, ino = await h.create(b"big.bin", flags=os.O_WRONLY)
-            ballast = fill(disk)
-            first = rand(MiB, 4)
-            with trio.fail_after(8):
-                async with trio.open_nursery() as nursery:
-                    h.fs.nursery = nursery
-                    assert await h.fs.write(fh, 0, first) == MiB
-                    await h.fs._staging[ino].wait_inflight()  # that seal hit the full disk
-                    ballast.unlink()
-                    await h.fs.flush(fh)  # retries the seal, with room now: committed
+                    if commit_first:
+                        ballast.unlink()
+                        await h.fs.flush(fh)  # retries the seal, with room now: committed
+                    else:
+                        with pytest.raises(OSError) as failure:
+                            await h.fs.write(fh, MiB, b"more")
+                        assert failure.value.errno == errno.ENOSPC
+                        ballast.unlink()
+                    # reported once; the writer goes on and loses nothing
                     assert await h.fs.write(fh, MiB, b"more") == 4
                     await h.fs.flush(fh)
                     await h.fs.release(fh)
