@@ -5,7 +5,7 @@
 - ``proc_memory``: VmRSS/VmHWM of a node from ``/proc`` (KiB).
 - ``assert_sound``: the invariants every fault test ends with: every chunk
   file is named by its SHA-256, no half-written chunk is left in
-  ``chunks/tmp``, and ``swarmfs fsck`` (where implemented) finds no damage.
+  ``chunks/tmp``, and ``swarmfs fsck`` exits 0 (any other exit fails, with its output).
 - ``Writer``: a thread that writes one big file block by block and reports
   its progress, so a test can kill the node "half-way" by polling a counter.
 """
@@ -54,22 +54,15 @@ def leftover_tmp(data_dir: Path) -> list[str]:
     return sorted(p.name for p in tmp.iterdir()) if tmp.is_dir() else []
 
 
-_fsck_missing: list[str] = []
-
-
-def fsck(data_dir: Path) -> subprocess.CompletedProcess[str] | None:
-    """``swarmfs fsck --data-dir DIR``; None while the command is not implemented."""
-    result = subprocess.run(
+def fsck(data_dir: Path) -> subprocess.CompletedProcess[str]:
+    """``swarmfs fsck --data-dir DIR`` (exit 0: nothing to repair)."""
+    return subprocess.run(
         [*swarmfs_command(), "fsck", "--data-dir", str(data_dir)],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
-    if result.returncode == 2 and "not implemented" in result.stderr:
-        _fsck_missing.append(str(data_dir))
-        return None
-    return result
 
 
 def assert_sound(node: SwarmNode, *, after_restart: bool = True) -> None:
@@ -78,8 +71,9 @@ def assert_sound(node: SwarmNode, *, after_restart: bool = True) -> None:
     if after_restart:
         assert leftover_tmp(node.data_dir) == [], "chunks/tmp not cleaned at start"
     result = fsck(node.data_dir)
-    if result is not None:
-        assert result.returncode == 0, f"fsck on {node.name}: {result.stdout}{result.stderr}"
+    assert result.returncode == 0, (
+        f"fsck on {node.name} exited {result.returncode}: {result.stdout}{result.stderr}"
+    )
 
 
 def wait_backlog_empty(node: SwarmNode, timeout: float) -> None:

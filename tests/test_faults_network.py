@@ -150,7 +150,14 @@ def test_loss_and_delay_still_replicate(lab_swarm: tuple[Lab, FaultSwarm]) -> No
         # lossy links cut some handshakes (the relay drops both ends); membership redials
         node.expect_log(r"handshake failed: it hung up during the")
     assert relay.connections >= 3, "the links do not go through the delaying relay"
-    rtts = [p["rtt_ms"] for p in a.status()["peers"] if p["rtt_ms"] is not None]
+
+    def rtt_to_both() -> list[float]:
+        peers = [p for p in a.status()["peers"] if p["connected"]]
+        rtts = [p["rtt_ms"] for p in peers if p["rtt_ms"] is not None]
+        assert len(rtts) == 2, f"a measured the rtt of {len(rtts)} of 2 peers: {peers}"
+        return rtts
+
+    rtts = eventually(rtt_to_both, 30, "a to measure the rtt to b and c")  # never empty
     data = payload(size, 61)
     started = time.monotonic()
     (a.mnt / "big.bin").write_bytes(data)

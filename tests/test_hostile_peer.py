@@ -19,9 +19,11 @@ sends is under test. One 2-node swarm serves the module.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import re
 import secrets
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,7 +34,7 @@ import pytest
 import trio
 from faultkit import MiB, digest, payload, proc_memory
 from netns import FaultNode, FaultSwarm, loopback_swarm
-from swarm_harness import SYNC_TIMEOUT, eventually, files_containing
+from swarm_harness import SYNC_TIMEOUT, eventually
 
 from swarmfs.crypto.certs import client_context
 from swarmfs.crypto.keys import NodeIdentity, new_swarm_key, read_swarm_key
@@ -329,10 +331,37 @@ async def test_chunk_put_with_wrong_content_is_refused_and_not_stored(target: Ta
     assert reply is None or reply["t"] == "error", reply
     hexid = chunk_id.hex()
     assert not (target.a.data_dir / "chunks" / hexid[:2] / hexid[2:4] / hexid).exists()
-    assert not files_containing(target.a.data_dir / "chunks", data[:64].hex().encode())
+    holding = _files_holding(target.a.data_dir, data)
+    assert not holding, f"the refused content is on disk in {holding}"
+    rows = _rows_naming(target.a.data_dir / "swarmfs.db", chunk_id)
+    assert not rows, f"the refused chunk id is in the database: {rows}"
     await client.aclose()
     warnings = target.warnings_since(offset)
     assert len(warnings) == 1 and hexid[:16] in warnings[0], warnings
+
+
+def _files_holding(root: Path, data: bytes) -> list[str]:
+    """Files under ``root`` whose bytes contain the start or the end of ``data`` (64 bytes
+    of random data cannot match by chance; either half catches a chunk stored truncated)."""
+    found = []
+    for path in root.rglob("*"):
+        try:
+            content = path.read_bytes() if path.is_file() else b""
+        except FileNotFoundError:
+            continue  # a temporary file gone while we walked
+        if data[:64] in content or data[-64:] in content:
+            found.append(str(path.relative_to(root)))
+    return found
+
+
+def _rows_naming(db_path: Path, chunk_id: bytes) -> list[str]:
+    """The tables of a node's database that hold a row for ``chunk_id`` (read-only, live)."""
+    with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as db:
+        return [
+            table
+            for table in ("chunks", "holders", "push_queue", "blocks")
+            if db.execute(f"SELECT 1 FROM {table} WHERE chunk_id=?", (chunk_id,)).fetchone()
+        ]
 
 
 # -- records that must be rejected, one warning each ---------------------------------------
