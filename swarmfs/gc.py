@@ -45,6 +45,8 @@ class GarbageCollector:
         gone = await self.db.write(lambda t: t.expire_trash(now - self.trash_retention))
         keep = self.in_use()
         gone += await self.db.write(lambda t: t.reclaim(now - GRACE, self.cache_limit, keep))
+        staged = self.in_use()  # a write may have stored one of them meanwhile (same content)
+        gone = [c for c in gone if c not in staged]
         if gone:
             await trio.to_thread.run_sync(lambda: [self.store.delete(c) for c in gone])
             log.info("garbage collection removed %d chunks", len(gone))

@@ -101,7 +101,7 @@ class Node:
             settings=network,
         )
         self.sync = IndexSync(self.db, self.membership, self.chunks, self.fs.remote_applied)
-        self.chunk_service = ChunkService(self.db, self.store, config.cache_size)
+        self.chunk_service = ChunkService(self.db, self.store)
         self.replicator = Replicator(
             self.db, self.store, self.membership, config.replicas, self.memory
         )

@@ -6,19 +6,25 @@
 - ``assert_sound``: the invariants every fault test ends with: every chunk
   file is named by its SHA-256, no half-written chunk is left in
   ``chunks/tmp``, and ``swarmfs fsck`` exits 0 (any other exit fails, with its output).
+- ``small_disk``/``fill_disk``: a real full disk (a tmpfs of a given size, filled
+  until it says ENOSPC).
 - ``Writer``: a thread that writes one big file block by block and reports
   its progress, so a test can kill the node "half-way" by polling a counter.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import random
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from mounted import swarmfs_command
 from swarm_harness import SwarmNode, bad_chunks, chunk_files, eventually
 
@@ -29,6 +35,40 @@ MiB = 1024 * 1024
 def payload(size: int, seed: int) -> bytes:
     """Incompressible, reproducible bytes."""
     return random.Random(seed).randbytes(size)
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` at ``path``, unmounted (lazily if busy) on exit."""
+    path.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {result.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+def fill_disk(disk: Path) -> Path:
+    """Write a ballast file on ``disk`` until the disk says ENOSPC; returns it."""
+    ballast = disk / "ballast"
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        block = bytes(MiB)
+        while True:
+            os.write(fd, block)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+    finally:
+        os.close(fd)
+    return ballast
 
 
 def digest(data: bytes) -> str:

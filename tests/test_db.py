@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import sqlite3
 import threading
 import time
@@ -11,9 +12,10 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from faultkit import fill_disk, small_disk
 
-from swarmfs.meta.db import ROOT_INO, Database, Txn, now_ns
-from swarmfs.meta.records import Block, Kind, Order, VersionVector
+from swarmfs.meta.db import CHECKPOINT_EVERY, ROOT_INO, Database, Txn, now_ns
+from swarmfs.meta.records import Block, Kind, Order, Record, VersionVector
 
 NODE = "aaaaaaaaaaaaaaaaaaaaaaaaaa"
 
@@ -297,3 +299,82 @@ async def test_small_writes_commit_on_the_loop_and_the_wal_is_checkpointed(
         assert threads == [], "a small write waits for the write under way"
         release.set()
     assert len(threads) == 1 and loop_thread not in threads
+
+
+PEER = "pppppppppppppppppppppppppp"
+
+
+def _commit_block(db: Database, rid: int, block: Block) -> None:
+    db.write_sync(lambda t: t.commit_content(rid, 5, 0, 0, {0: block}, 1, 1, [(block.chunk_id, 9)]))
+
+
+def _pinned(db: Database, chunk_id: bytes) -> int | None:
+    row = db.reader.conn.execute("SELECT pinned FROM chunks WHERE chunk_id=?", (chunk_id,))
+    found = row.fetchone()
+    return None if found is None else found[0]
+
+
+def test_cache_eviction_spares_chunks_a_write_is_staging(db: Database) -> None:
+    """A new write of the same content as a retired chunk finds its file already there;
+    evicting it before that write commits lost the data (GC deleted the file)."""
+    rid = _create(db, b"f")
+    old, new = Block(b"\x10" * 32, b"\x11" * 32, 5), Block(b"\x20" * 32, b"\x21" * 32, 5)
+    _commit_block(db, rid, old)
+    db.write_sync(lambda t: t.save_peer(PEER, "127.0.0.1:1", time.time()))
+    _commit_block(db, rid, new)  # old retires to the cache
+    assert _pinned(db, old.chunk_id) == 0
+    staged = frozenset({old.chunk_id})
+    assert db.write_sync(lambda t: t.reclaim(time.time() - 60, 0, staged)) == []
+    assert db.write_sync(lambda t: t.reclaim(time.time() - 60, 0)) == [old.chunk_id]
+
+
+def test_chunks_a_conflict_copy_takes_over_stay_pinned_and_queued(db: Database) -> None:
+    """A replaced local version that became the conflict copy was retired first (its
+    chunks unpinned and dropped from the push queue), so the copy could be evicted."""
+    rid = _create(db, b"f")
+    mine = Block(b"\x10" * 32, b"\x11" * 32, 5)
+    _commit_block(db, rid, mine)
+    db.write_sync(lambda t: t.save_peer(PEER, "127.0.0.1:1", time.time()))
+    db.write_sync(lambda t: t.conn.execute("DELETE FROM inodes WHERE rid=?", (rid,)))
+    theirs = Record(
+        b"f", Kind.FILE, 0o644, 0, 0, 5, now_ns() + 10**12, VersionVector.of({PEER: 1}), PEER,
+        blocks=(Block(b"\x30" * 32, b"\x31" * 32, 5),),
+    )  # fmt: skip
+    db.write_sync(lambda t: t.apply_remote(theirs))
+    names = [r.name for r, _ in db.reader.entries(b"", 0, 10)]
+    assert len(names) == 2 and any(b"sync-conflict" in n for n in names)
+    assert _pinned(db, mine.chunk_id) == 2
+    assert (mine.chunk_id, 9) in db.reader.push_batch(10)
+
+
+def test_a_failed_commit_leaves_the_connection_ready_for_the_next(tmp_path: Path) -> None:
+    """COMMIT itself can fail on a full disk (WAL frames are written then); once space
+    is back the next transaction must work (SQLite rolls back on SQLITE_FULL; for other
+    errors ``_transaction`` rolls back itself)."""
+    with small_disk(tmp_path / "disk", "2m") as disk:
+        database = Database(disk / "swarmfs.db", NODE)
+        try:
+            ballast = fill_disk(disk)
+            with pytest.raises(sqlite3.OperationalError):
+                for i in range(1000):  # until a commit needs a page the disk lacks
+                    _create(database, b"big-%d" % i + b"x" * 200)
+            ballast.unlink()
+            _create(database, b"after")
+            assert database.reader.by_path(b"after") is not None
+        finally:
+            database.close()
+
+
+async def test_a_checkpoint_behind_a_closed_database_does_nothing(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The checkpoint task may run after the node closed the database: it used to run
+    on the closed connection and log a warning (failing log-checking tests)."""
+    db._writes = CHECKPOINT_EVERY - 1
+    await db.write(lambda t: t.save_peer(PEER, "127.0.0.1:1", time.time()), small=True)
+    assert db._checkpointing, "the write started a checkpoint"
+    db.close()
+    with trio.fail_after(10):
+        while db._checkpointing:  # the task ends once its worker thread has
+            await trio.sleep(0.01)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

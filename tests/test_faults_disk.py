@@ -19,29 +19,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from faultkit import MiB, assert_sound, chunk_ids, crash, digest, payload, wait_backlog_empty
+from faultkit import (
+    MiB,
+    assert_sound,
+    chunk_ids,
+    crash,
+    digest,
+    payload,
+    small_disk,
+    wait_backlog_empty,
+)
 from netns import FaultNode, FaultSwarm, loopback_swarm
 from swarm_harness import SYNC_TIMEOUT, eventually
 
 pytestmark = pytest.mark.mounted
-
-
-@contextlib.contextmanager
-def small_disk(path: Path, size: str = "64m") -> Iterator[Path]:
-    """A tmpfs of ``size`` at ``path``, unmounted (lazily if busy) on exit."""
-    path.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {result.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
 
 
 def fill(disk: Path, leave: int) -> Path:
@@ -66,7 +57,7 @@ def free_bytes(path: Path) -> int:
 def disks(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
     """Make small tmpfs disks; unmounted after the swarm (which depends on this) is down."""
     with contextlib.ExitStack() as stack:
-        yield lambda name: stack.enter_context(small_disk(tmp_path / name))
+        yield lambda name: stack.enter_context(small_disk(tmp_path / name, "64m"))
 
 
 @pytest.fixture

@@ -344,3 +344,16 @@ async def test_replicas_of_a_replaced_version_outlive_it_for_the_grace_period(
             await b.gc.collect()
             assert not old_chunks & set(b.store.ids()), "collected once the grace is over"
             assert await read_file(b, b"f") == new
+
+
+async def test_a_full_read_cache_does_not_refuse_replicas(tmp_path: Path) -> None:
+    """Replicas were refused with no_space once fetched or retired chunks filled the read
+    cache, so a node that had only rewritten its own files stopped taking replicas."""
+    data = os.urandom(2 * CHUNK_SIZE)
+    with trio.fail_after(60):
+        async with running_nodes(tmp_path, 2, cache_size=1) as (a, b):
+            await eventually(lambda: b.membership.connected_peers(), "a connection")
+            await write_file(a, b"f", data)
+            await eventually(lambda: a.db.reader.backlog() == (0, 0), "b holding replicas")
+            stored, _ = b.db.reader.chunk_bytes()
+            assert stored > len(data)

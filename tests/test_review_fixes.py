@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from faultkit import fill_disk, small_disk
 from mounted import SwarmMount, fuse_unavailable, swarmfs_command
 from swarm_harness import chunk_files, eventually
 from test_fs_api import KEY, Harness, rand
@@ -64,40 +65,6 @@ def expect_log(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[[str], Non
     assert not unexpected, [f"{r.levelname} {r.name}: {r.getMessage()}" for r in unexpected]
     missing = [p.pattern for p in expected if not any(p.search(r.getMessage()) for r in problems)]
     assert not missing, f"expected log lines never appeared: {missing}"
-
-
-@contextlib.contextmanager
-def small_disk(path: Path, size: str = "4m") -> Iterator[Path]:
-    """A tmpfs of ``size`` at ``path``, unmounted (lazily if busy) on exit."""
-    path.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {result.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
-
-
-def fill(disk: Path) -> Path:
-    """Write a ballast file on ``disk`` until the disk says ENOSPC."""
-    ballast = disk / "ballast"
-    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        block = bytes(MiB)
-        while True:
-            os.write(fd, block)
-    except OSError as exc:
-        if exc.errno != errno.ENOSPC:
-            raise
-    finally:
-        os.close(fd)
-    return ballast
 
 
 def make_node(base: Path, mountpoint: Path | None = None) -> Node:
@@ -207,11 +174,11 @@ async def test_a_background_seal_that_failed_is_reported_once(
     a commit had retried the seal successfully, the next write still failed with it."""
     root = tmp_path / "data"
     expect_log(r"storing a written chunk of \S+ failed: \[Errno 28\]")
-    with small_disk(root / "chunks") as disk:
+    with small_disk(root / "chunks", "4m") as disk:
         h = Harness(root)
         try:
             fh, ino = await h.create(b"big.bin", flags=os.O_WRONLY)
-            ballast = fill(disk)
+            ballast = fill_disk(disk)
             first = rand(MiB, 3)
             with trio.fail_after(8):
                 async with trio.open_nursery() as nursery:
@@ -309,13 +276,13 @@ async def test_commit_all_commits_every_file_it_can_and_returns_the_failures(
     """Before the fix the first file that failed to commit (ENOSPC) ended ``commit_all``
     with an exception: the files after it were never committed, nothing was reported."""
     root = tmp_path / "data"
-    with small_disk(root / "chunks") as disk:
+    with small_disk(root / "chunks", "4m") as disk:
         h = Harness(root)
         try:
             fh_a, ino_a = await h.create(b"a.txt", b"needs a new chunk")  # staged in memory
             whole = rand(MiB, 4)
             fh_b, ino_b = await h.create(b"b.bin", whole)  # a full chunk: stored at once
-            ballast = fill(disk)
+            ballast = fill_disk(disk)
             expect_log(rf"committing inode {ino_a} at shutdown failed: \[Errno 28\]")
             failed = await h.fs.commit_all()  # a first (and fails), then b
             assert len(failed) == 1 and failed[0].startswith(f"inode {ino_a}: "), failed
@@ -360,7 +327,7 @@ def test_umount_exits_1_naming_the_open_files_it_could_not_commit(tmp_path: Path
                 whole = rand(MiB, 5)
                 os.write(fd_b, whole)  # one full chunk: sealed and stored while still open
                 eventually(lambda: chunk_files(node.data_dir), 10, "b's chunk to be stored")
-                ballast = fill(disk)
+                ballast = fill_disk(disk)
                 node.expect_log(rf"committing inode {ino_a} at shutdown failed: \[Errno 28\]")
                 result = subprocess.run(
                     [*swarmfs_command(), "umount", node.mountpoint, "--data-dir", node.data_dir],

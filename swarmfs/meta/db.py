@@ -811,13 +811,19 @@ class Txn(Queries):
         even be handing it out right now from a lookup racing this transaction;
         ``Filesystem.sweep_detached`` frees the ones it does not hold.
         """
+        # chunks of a replaced version retire only now: a conflict copy may use them
+        self.retire(self._merge(rec))
+
+    def _merge(self, rec: Record) -> set[bytes]:
+        """Apply ``rec`` (and the conflict copy it makes, if any); returns the chunks
+        of the versions this replaced."""
         row = self.by_path(rec.path)
         local = self.record(row) if row is not None else None
         res = resolve(local, rec)
-        if res.changed:
-            self._store(row, res.winner)
+        replaced = self._store(row, res.winner) if res.changed else set()
         if res.conflict is not None:
-            self.apply_remote(res.conflict)
+            replaced |= self._merge(res.conflict)
+        return replaced
 
     def offer_displaced(self, hidden_rid: int, rec: Record) -> None:
         """A detached inode written here is offered to its old path as a concurrent edit.
@@ -832,10 +838,12 @@ class Txn(Queries):
         base = now.version if won and now is not None else rec.version
         self._set(hidden_rid, version=_vv(base))
 
-    def _store(self, row: Row | None, rec: Record) -> None:
+    def _store(self, row: Row | None, rec: Record) -> set[bytes]:
+        """Write the winning record; returns chunk ids of a block list it dropped."""
         now = now_ns()
+        replaced: set[bytes] = set()
         if not rec.deleted and not self._ensure_parents(rec, now):
-            return
+            return replaced
         revive = rec.deleted and rec.kind == Kind.DIR and row is not None and not row.deleted
         if revive and self.has_children(rec.path):  # deleted here while a child was added
             self._set(
@@ -844,7 +852,7 @@ class Txn(Queries):
                 modified_by=self.node_id,
                 sequence=self.next_sequence(),
             )
-            return
+            return replaced
         old_ino = self.ino_of(row.rid) if row is not None else None
         same_content = (
             row is not None
@@ -864,7 +872,7 @@ class Txn(Queries):
             if not rec.deleted and row.bl is not None:
                 bl, row = row.bl, dataclasses.replace(row, bl=None)
                 self._set(row.rid, bl=None)
-                self.retire(self.drop_blocklist_if_unused(bl))
+                replaced = self.drop_blocklist_if_unused(bl)
         bl = row.bl if row is not None and same_content else None
         if rec.kind == Kind.FILE and not rec.deleted and not same_content:
             bl = self.new_blocklist()
@@ -887,6 +895,7 @@ class Txn(Queries):
             self.new_inode(rid)  # type: ignore[arg-type]
         self.touch_dir(parent_of(rec.path), now)
         self.invalidations.append((parent_of(rec.path), rec.name, old_ino, same_content))
+        return replaced
 
     def _ensure_parents(self, rec: Record, now: int) -> bool:
         """A live record needs live directories above it: revive or create them."""
@@ -971,6 +980,8 @@ class Txn(Queries):
             ).fetchall():
                 if cached <= cache_limit:
                     break
+                if bytes(c) in keep:  # a write being staged has the same content
+                    continue
                 evict.append(bytes(c))
                 cached -= size
             self.conn.executemany("DELETE FROM chunks WHERE chunk_id=?", [(c,) for c in evict])
@@ -1043,6 +1054,7 @@ class Database:
         self._writer.execute("PRAGMA wal_autocheckpoint=0")  # see write(): not inside a commit
         self._writes = 0
         self._checkpointing = False
+        self._closed = False
         self._writer.executescript(SCHEMA)
         self._lock = threading.Lock()
         self._limiter = trio.CapacityLimiter(1)
@@ -1079,14 +1091,15 @@ class Database:
         self._writer.execute("BEGIN IMMEDIATE")
         try:
             result = fn(txn)
+            self._writer.execute("COMMIT")  # may fail too (a full disk): then roll back
         except BaseException:
-            self._writer.execute("ROLLBACK")
+            if self._writer.in_transaction:
+                self._writer.execute("ROLLBACK")
             raise
-        self._writer.execute("COMMIT")
         return result
 
     async def write(self, fn: Callable[[Txn], T], *, small: bool = False) -> T:
-        """Run ``fn`` in one transaction on the writer thread; the event loop only waits.
+        """Run ``fn`` in one transaction, in the writer thread unless ``small``.
 
         ``small``: a transaction of a few rows (create, unlink, setattr) runs on the
         loop itself when no other write is under way, because the two thread
@@ -1115,20 +1128,19 @@ class Database:
         return result
 
     async def _checkpoint(self) -> None:
-        """Copy the WAL into the database file, so the WAL stops growing. Never raises
-        (a system task): the WAL keeps every commit until the next one."""
+        """Copy the WAL into the database file, so the WAL stops growing. A system task:
+        raises nothing but Cancelled (the run is ending; closing checkpoints anyway)."""
         try:
             await trio.to_thread.run_sync(self._checkpoint_sync, limiter=self._limiter)
-        except sqlite3.Error as exc:
+        except sqlite3.Error as exc:  # the WAL keeps every commit until the next one
             log.warning("checkpointing the metadata WAL failed: %s", exc)
-        except trio.Cancelled:  # the run is ending; closing the database checkpoints
-            pass
         finally:
             self._checkpointing = False
 
     def _checkpoint_sync(self) -> None:
         with self._lock:
-            self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            if not self._closed:
+                self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     async def wait_write(self) -> None:
         """Return after the next write transaction (committed or not)."""
@@ -1157,8 +1169,10 @@ class Database:
                     os.close(fd)
 
     def close(self) -> None:
-        self.reader.conn.close()
-        self._writer.close()
+        with self._lock:  # a checkpoint may be running in a worker thread
+            self._closed = True
+            self.reader.conn.close()
+            self._writer.close()
 
 
 def _trim(blocks: tuple[Block, ...]) -> tuple[Block, ...]:

@@ -61,10 +61,9 @@ class Peers:
 class ChunkService:
     """Serves ``chunk_put`` and ``chunk_get`` from this node's store."""
 
-    def __init__(self, db: Database, store: ChunkStore, cache_limit: int) -> None:
+    def __init__(self, db: Database, store: ChunkStore) -> None:
         self.db = db
         self.store = store
-        self.cache_limit = cache_limit
 
     async def on_chunk_get(self, conn: PeerConnection, msg: Message) -> Message:
         assert isinstance(msg, ChunkGet)
@@ -83,9 +82,10 @@ class ChunkService:
             log.warning("peer %s pushed chunk %s whose content does not match its id",
                         conn, msg.chunk_id.hex()[:16])  # fmt: skip
             return Error(code=BAD_CHUNK, text="content does not match the chunk id")
-        _, cached = self.db.reader.chunk_bytes()  # the reader connection is the loop's own
-        room = await trio.to_thread.run_sync(self._disk_has_room, len(msg.data))
-        if not room or cached + len(msg.data) > self.cache_limit:
+        # Only the disk refuses a replica: the cache (fetched and retired chunks) is what
+        # GC evicts to make room, so comparing with its limit refused replicas for good
+        # on a node that merely rewrote its own files.
+        if not await trio.to_thread.run_sync(self._disk_has_room, len(msg.data)):
             return Error(code=NO_SPACE, text="no space for replicas")
         try:
             await trio.to_thread.run_sync(self.store.put, msg.chunk_id, msg.data)
