@@ -4,11 +4,16 @@ Chunk-sized buffers are the only memory that grows with traffic, so each place
 that holds them takes its bytes from one ``MemoryBudget`` (default 64 MiB)
 before it makes them: read-ahead and fetches in flight, the decrypted-chunk
 cache, pushes in flight, incoming frame bodies and outgoing chunk frames. The
-budget is split into pools with fixed shares, not one shared counter, because
-one pool must never wait on another that only the network can free: an
-incoming ``chunk_put`` body (``receive``) is freed by local work (verify,
-store) alone, so a reader that waits on ``receive`` always resumes, whatever
-the pushes and replies in ``send`` are waiting for. Where the waits go:
+budget is split into pools with fixed shares, not one shared counter, so that
+no wait can close a cycle through the network. A reader waiting on ``receive``
+waits for two things only: other readers' bodies to finish arriving (each such
+reader took its bytes before reading the body and reads on without waiting,
+so only its peer's sender, already part-way through that frame, has to go on)
+and handlers to finish (local work: verify, store, a database write; never a
+send or a request). Neither waits on ``send``, ``push`` or ``fetch``, so the
+reader resumes whatever the pushes and replies in ``send`` are waiting for. A
+peer that stops part-way through a frame keeps its reservation until
+``dead_after`` of silence closes its connection. Where the waits go:
 
 - ``receive``: taken by a connection's reader when a frame header announces a
   large body, *before* the body is read (TCP back-pressure reaches the

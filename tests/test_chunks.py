@@ -6,17 +6,24 @@ Tamper tests flip bits and expect ``CorruptChunk``, never wrong plaintext
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import secrets
+import subprocess
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from swarmfs.crypto import chunks
 from swarmfs.errors import ChunkMissing, CorruptChunk
+from swarmfs.fs.content import ChunkIO
+from swarmfs.meta.records import Block
 from swarmfs.store.cas import ChunkStore
 
 KEY = bytes(range(32))
@@ -154,3 +161,86 @@ def test_partial_chunks_never_appear_under_their_id(tmp_path: Path) -> None:
     assert list(store.ids()) == []  # tmp/ is not a chunk directory
     assert store.clean_tmp() == 1
     assert not leftover.exists()
+
+
+@contextmanager
+def tiny_disk(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` at ``path`` (a real ENOSPC), unmounted (lazily if busy) on exit."""
+    path.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {result.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+def test_overwrite_renames_a_new_file_over_the_old_one(tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path / "chunks")
+    sealed = chunks.seal(KEY, os.urandom(4096))
+    path = store.path(sealed.chunk_id)
+    assert store.put(sealed.chunk_id, b"\x01corrupt") is True
+    old_inode = path.stat().st_ino
+    assert store.put(sealed.chunk_id, sealed.ciphertext) is False  # a plain put keeps it
+    assert path.read_bytes() == b"\x01corrupt"
+    assert store.put(sealed.chunk_id, sealed.ciphertext, overwrite=True) is True
+    assert store.get(sealed.chunk_id) == sealed.ciphertext
+    assert path.stat().st_ino != old_inode  # renamed over it, not rewritten in place
+    assert _files(tmp_path / "chunks") == [path]  # no temporary file left
+
+
+def test_an_overwrite_that_fails_for_want_of_space_leaves_the_old_file(tmp_path: Path) -> None:
+    with tiny_disk(tmp_path / "chunks", "64k") as root:
+        store = ChunkStore(root)
+        sealed = chunks.seal(KEY, os.urandom(256 * 1024))  # larger than the whole disk
+        store.put(sealed.chunk_id, b"\x01old copy")
+        with pytest.raises(OSError) as failure:
+            store.put(sealed.chunk_id, sealed.ciphertext, overwrite=True)
+        assert failure.value.errno == errno.ENOSPC
+        assert store.get(sealed.chunk_id) == b"\x01old copy"
+        assert _files(root) == [store.path(sealed.chunk_id)]
+
+
+class _SealMeanwhile:
+    """A ``ChunkSource`` during whose fetch something happens here first."""
+
+    def __init__(self, ciphertext: bytes, meanwhile: Callable[[], Awaitable[None]]) -> None:
+        self.ciphertext = ciphertext
+        self.meanwhile = meanwhile
+        self.recorded: list[bytes] = []
+
+    async def fetch(self, chunk_id: bytes, h: bytes, accept: Callable[[bytes], bytes]) -> bytes:
+        await self.meanwhile()
+        return await trio.to_thread.run_sync(accept, self.ciphertext)
+
+    async def stored(self, chunk_id: bytes, size: int) -> None:
+        self.recorded.append(chunk_id)
+
+
+async def test_a_fetched_copy_that_cannot_be_written_leaves_the_chunk_sealed_meanwhile(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A read misses a chunk here and fetches it; meanwhile a writer seals the same
+    content (the same id) here. Writing the fetched copy then fails (here its temporary
+    directory is gone; on a node, a full disk or an I/O error): the sealed file stays."""
+    plain = os.urandom(64 * 1024)
+    sealed = chunks.seal(KEY, plain)
+    store = ChunkStore(tmp_path / "chunks")
+    io = ChunkIO(store, KEY)
+
+    async def seal_then_break_writes() -> None:
+        await io.seal_and_store(plain)
+        (tmp_path / "chunks" / "tmp").rmdir()
+
+    io.source = source = _SealMeanwhile(sealed.ciphertext, seal_then_break_writes)
+    with trio.fail_after(5):
+        assert await io.read(Block(sealed.chunk_id, sealed.h, sealed.length)) == plain
+    assert "caching fetched chunk" in caplog.text  # the write failed, and said so
+    assert source.recorded == []
+    assert store.get(sealed.chunk_id) == sealed.ciphertext

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
@@ -208,3 +209,41 @@ async def test_read_ahead_and_fetches_stay_within_the_fetch_pool(tmp_path: Path)
     assert sorted(source.stored_ids) == sorted(sealed)  # every cache file written, recorded
     for cid, ciphertext in sealed.items():
         assert store.get(cid) == ciphertext
+
+
+async def test_a_reader_closed_while_it_waits_for_the_receive_pool_took_nothing() -> None:
+    """A header announces a chunk-sized body while the pool is full; the connection
+    closes while its reader waits for room. It must give back only what it took, so
+    the pool counts exactly what the other holders hold, and they can free it all."""
+    pool = Pool("receive", 2 * MiB)
+    frame = encode_frame(ChunkPut(id=1, chunk_id=bytes(32), data=bytes(CHUNK_SIZE)))
+    settings = ConnectionSettings(receive_pool=pool)
+    pool.take(pool.limit)  # other connections' bodies
+    with trio.fail_after(5):
+        async with raw_peer({}, settings) as (conn, far):
+            await far.send_all(frame[:4096])  # the header and the start of the body
+            await trio.testing.wait_all_tasks_blocked()
+            assert pool.used == pool.limit  # the reader waits for room
+            await conn.aclose()
+    assert pool.used == pool.limit
+    pool.release(pool.limit)
+    assert pool.used == 0
+
+
+async def test_a_fetch_whose_cache_write_cannot_start_gives_its_memory_back(
+    tmp_path: Path,
+) -> None:
+    """At shutdown the nursery that writes fetched chunks behind the reader is closed:
+    the fetch fails to hand its chunk over, and no byte of the fetch pool stays held."""
+    budget = MemoryBudget(total=16 * MiB)
+    data = b"\5" * CHUNK_SIZE
+    s = chunk_crypto.seal(KEY, data)
+    source = SlowSource({s.chunk_id: s.ciphertext})
+    source.gate.open.set()
+    io = ChunkIO(ChunkStore(tmp_path / "chunks"), KEY, source=source, budget=budget)
+    async with trio.open_nursery() as closed:
+        pass
+    io.nursery = closed
+    with trio.fail_after(5), pytest.raises(RuntimeError, match="closed"):
+        await io.read(Block(s.chunk_id, s.h, s.length))
+    assert budget.fetch.used == 0

@@ -23,6 +23,7 @@ from swarmfs.net.wire import (
     ChunkGet,
     Error,
     FrameDecoder,
+    Hello,
     Message,
     Missing,
     Ping,
@@ -83,6 +84,26 @@ async def raw_peer(
         await nursery.start(conn.run)
         yield conn, right
         await conn.aclose()
+
+
+async def test_a_request_that_arrives_with_the_hello_is_served() -> None:
+    """The peer's hello and its first request in one read: the hello exchange takes the
+    hello and leaves the request in the decoder for the read loop, which answers it."""
+    left, right = trio.testing.memory_stream_pair()
+    conn = PeerConnection(
+        left, peer_id="r" * 26, address="raw:1", outbound=True,
+        handlers={"chunk_get": _missing},
+    )  # fmt: skip
+    theirs = Hello(listen="127.0.0.1:7000")
+    with trio.fail_after(5):
+        await right.send_all(encode_frame(theirs) + encode_frame(ChunkGet(id=7, chunk_id=CHUNK)))
+        assert await conn.exchange_hello(Hello()) == theirs
+        async with trio.open_nursery() as nursery:
+            await nursery.start(conn.run)
+            ours, reply = await _read(right, 2, skip_pings=True)
+            assert isinstance(ours, Hello)
+            assert reply == Missing(id=7, chunk_id=CHUNK)
+            await conn.aclose()
 
 
 async def test_many_requests_in_flight_get_their_own_replies() -> None:

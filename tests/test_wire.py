@@ -169,6 +169,30 @@ def test_oversized_length_is_refused_before_the_body_arrives() -> None:
         list(FrameDecoder().feed(just_too_big))
 
 
+def test_frames_before_an_oversized_header_come_out_first() -> None:
+    frames = FrameDecoder().feed(encode_frame(Ping(id=1)) + b"\xff\xff\xff\xff")
+    assert decode_message(next(frames)) == Ping(id=1)
+    with pytest.raises(ProtocolError, match="exceeds"):
+        next(frames)
+
+
+def test_a_caller_that_stops_taking_frames_loses_nothing() -> None:
+    """As exchange_hello does: take the first frame and leave. What came with it,
+    whole frames and a frame in progress, stays in the decoder for the next taker."""
+    msgs = [Hello(), ChunkGet(id=2, chunk_id=b"\1" * 32), Ping(id=3)]
+    stream = b"".join(encode_frame(m) for m in msgs)
+    cut = len(stream) - 2  # the ping's body is still in progress
+    decoder = FrameDecoder()
+    for body in decoder.feed(stream[:cut]):
+        assert decode_message(body) == msgs[0]
+        break
+    assert decoder.pending == len(encode_frame(msgs[2])) - wire.HEADER_SIZE
+    assert decode_message(decoder.next_frame() or b"") == msgs[1]
+    assert decoder.next_frame() is None
+    assert list(decode_frames(decoder, stream[cut:])) == msgs[2:]
+    assert decoder.pending == 0 and decoder.next_frame() is None
+
+
 def test_a_full_chunk_fits_in_one_frame() -> None:
     msg = ChunkPut(id=1, chunk_id=b"\x01" * 32, data=b"\x00" * (wire.MAX_CHUNK_DATA))
     assert len(encode_frame(msg)) <= MAX_FRAME + 4

@@ -147,8 +147,8 @@ class ChunkIO:
             if self.nursery is None:
                 await self._write_fetched(cid, ciphertext, 0)
             else:  # the plaintext goes to the reader now; one chunk stays held for the file
-                held -= CHUNK_SIZE
                 self.nursery.start_soon(self._write_fetched, cid, ciphertext, CHUNK_SIZE)
+                held -= CHUNK_SIZE  # only once the task owns it (a closed nursery refuses)
             return plain
         finally:
             self._fetch_pool.release(held)
@@ -198,8 +198,9 @@ class ChunkIO:
         return chunk_crypto.unseal(self._key, block.h, ciphertext, block.chunk_id)
 
     def _store_fetched(self, chunk_id: bytes, ciphertext: bytes) -> None:
-        self.store.delete(chunk_id)  # a corrupt local copy is replaced
-        self.store.put(chunk_id, ciphertext)
+        # Replaces a corrupt local copy in one rename, never by delete and put: a
+        # chunk sealed here meanwhile (same content, same id) is never without a file.
+        self.store.put(chunk_id, ciphertext, overwrite=True)
 
     def _remember(self, chunk_id: bytes, plain: bytes) -> None:
         if chunk_id in self._plain or len(plain) > self._cache_limit:

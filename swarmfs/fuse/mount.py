@@ -59,17 +59,27 @@ def raise_readahead(mountpoint: Path, kib: int = READ_AHEAD_KIB) -> None:
 
 
 def _mount_device(mountpoint: Path) -> str | None:
-    """``major:minor`` of the last mount at ``mountpoint``, from /proc/self/mountinfo."""
-    # mountinfo escapes backslash, space, tab and newline in paths as octal
+    """``major:minor`` of the last mount at ``mountpoint``, from /proc/self/mountinfo.
+
+    ``None`` if there is none or mountinfo cannot be read (read-ahead is only speed).
+    """
+    # abspath, not realpath: realpath would lstat the mount's root, a FUSE request
+    # that this very thread (the event loop's) must answer, so it would hang. The
+    # CLI hands in a realpath taken before mounting, so the two spellings agree.
+    # mountinfo escapes backslash, space, tab and newline in paths as octal.
     escaped = os.path.abspath(mountpoint)
     for char in "\\ \t\n":
         escaped = escaped.replace(char, f"\\{ord(char):03o}")
     device = None
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            fields = line.split(" ")
-            if len(fields) > 4 and fields[4] == escaped:
-                device = fields[2]
+    try:
+        with open("/proc/self/mountinfo") as mountinfo:
+            for line in mountinfo:
+                fields = line.split(" ")
+                if len(fields) > 4 and fields[4] == escaped:
+                    device = fields[2]
+    except OSError as exc:
+        log.debug("cannot read /proc/self/mountinfo: %s", exc)
+        return None
     return device
 
 

@@ -209,17 +209,17 @@ class PeerConnection:
         """Send our ``hello`` and read the peer's, which must be its first frame.
 
         Call before ``run``, under the caller's deadline. Frames that arrive
-        right behind the hello stay buffered for ``run``.
+        with the hello or right behind it stay in the decoder; ``run`` takes
+        them first.
         """
         await self.send(hello)
-        while True:
-            data = await self._receive()
-            for body in self._decoder.feed(data):
-                msg = decode_message(body)
-                if not isinstance(msg, Hello):
-                    raise ProtocolError(f"expected hello, got {msg.TYPE}")
-                self.remote_hello = msg
-                return msg
+        while (body := self._decoder.next_frame()) is None:
+            self._decoder.feed(await self._receive())
+        msg = decode_message(body)
+        if not isinstance(msg, Hello):
+            raise ProtocolError(f"expected hello, got {msg.TYPE}")
+        self.remote_hello = msg
+        return msg
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the connection until it closes, then close the stream."""
@@ -271,12 +271,14 @@ class PeerConnection:
         return data
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
-        data = b""  # first drain what exchange_hello left buffered
         pool = self._receive_pool
         reserved = 0  # bytes of the pool taken for the frame whose body is being read
         try:
             while True:
-                for body in self._decoder.feed(data):
+                # The frames exchange_hello left in the decoder come first. Frames are
+                # taken oldest first, so a reservation (taken only when none is left)
+                # belongs to the next one.
+                while (body := self._decoder.next_frame()) is not None:
                     held, reserved = reserved, 0
                     if not held and len(body) >= RESERVE_FROM:  # it came whole in one read
                         held = len(body)
@@ -289,11 +291,10 @@ class PeerConnection:
                             pool.release(held)
                         raise
                     await self._dispatch(msg, nursery, held)
-                del data
-                if not reserved and self._decoder.pending >= RESERVE_FROM:
-                    reserved = self._decoder.pending
-                    await pool.acquire(reserved)
-                data = await self._receive()
+                if not reserved and (size := self._decoder.pending) >= RESERVE_FROM:
+                    await pool.acquire(size)
+                    reserved = size  # only once taken: a wait cancelled by a close holds nothing
+                self._decoder.feed(await self._receive())
         except ProtocolError as exc:
             self._abort(f"protocol error: {exc}", logging.WARNING)
         except PeerUnavailable:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -85,21 +86,30 @@ def encode_frame_parts(msg: Message) -> tuple[bytes, bytes]:
 
 
 class FrameDecoder:
-    """Sans-I/O splitter: feed received bytes, get complete frame bodies back.
+    """Sans-I/O splitter: feed received bytes, take complete frame bodies back.
 
-    A length above ``MAX_FRAME`` raises ``ProtocolError`` as soon as the header
-    is seen, so an oversized frame is never buffered. ``pending`` tells the
-    reader how large the body being received is, so it can reserve memory for
-    it before reading on. The pieces of a body are kept as received and joined
-    once (one copy per frame). After an error the decoder must not be used
-    again (the connection is closed).
+    ``feed`` splits the bytes at once and keeps everything in the decoder: the
+    frames it completed, until they are taken, and the frame still in progress.
+    So a caller that stops taking frames (``exchange_hello`` after the hello)
+    loses nothing; the next ``feed`` or ``next_frame`` returns the rest in
+    order. A completed frame is kept as the pieces it arrived in and joined
+    only when taken (one copy per frame, made one frame at a time).
+
+    A length above ``MAX_FRAME`` is refused as soon as its header is seen, so
+    an oversized frame is never buffered: the frames before it are still
+    returned, then taking the next one raises ``ProtocolError``, and keeps
+    raising it (the connection is closed). ``pending`` tells the reader how
+    large the body being received is, so it can reserve memory for it before
+    reading on.
     """
 
     def __init__(self) -> None:
         self._head = bytearray()  # a header not yet complete
         self._length: int | None = None  # body length of the frame in progress
-        self._parts: list[memoryview] = []
+        self._parts: list[memoryview] = []  # what has arrived of its body
         self._have = 0
+        self._ready: deque[list[memoryview]] = deque()  # complete frames not yet taken
+        self._error: ProtocolError | None = None  # raised once the frames before it are taken
 
     @property
     def pending(self) -> int:
@@ -107,7 +117,31 @@ class FrameDecoder:
         return self._length or 0
 
     def feed(self, data: bytes) -> Iterator[bytes]:
-        """Add ``data`` and yield each frame body it completes, in order."""
+        """Add ``data`` now; return an iterator that takes each complete frame body, in order.
+
+        The iterator takes frames from the decoder (those left from before
+        first); frames not taken stay for the next call.
+        """
+        self._split(data)
+        return self.frames()
+
+    def frames(self) -> Iterator[bytes]:
+        """Take the complete frame bodies, in order, until none is left."""
+        while (body := self.next_frame()) is not None:
+            yield body
+
+    def next_frame(self) -> bytes | None:
+        """Take the next complete frame body, or ``None`` until more data is fed."""
+        if self._ready:
+            parts = self._ready.popleft()
+            return parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
+        if self._error is not None:
+            raise self._error
+        return None
+
+    def _split(self, data: bytes) -> None:
+        if self._error is not None:
+            return  # nothing after a refused header is ever a frame
         view = memoryview(data)
         pos, end = 0, len(view)
         while True:
@@ -122,9 +156,10 @@ class FrameDecoder:
                 length = int.from_bytes(self._head, "big")
                 self._head.clear()
                 if length > MAX_FRAME:
-                    raise ProtocolError(
+                    self._error = ProtocolError(
                         f"frame of {length} bytes exceeds the {MAX_FRAME}-byte limit"
                     )
+                    return
                 self._length = length
             take = min(end - pos, self._length - self._have)
             if take:
@@ -133,11 +168,8 @@ class FrameDecoder:
                 pos += take
             if self._have < self._length:
                 return
-            parts = self._parts
+            self._ready.append(self._parts)
             self._parts, self._have, self._length = [], 0, None
-            body = parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
-            del parts
-            yield body
 
 
 def decode_message(body: bytes) -> Message:
@@ -163,9 +195,8 @@ def decode_message(body: bytes) -> Message:
 
 
 def decode_frames(decoder: FrameDecoder, data: bytes) -> Iterator[Message]:
-    """Feed ``data`` and yield every complete message it finishes."""
-    for body in decoder.feed(data):
-        yield decode_message(body)
+    """Feed ``data`` now; the iterator decodes each complete frame as it takes it."""
+    return map(decode_message, decoder.feed(data))
 
 
 # ---------------------------------------------------------------------------

@@ -38,10 +38,15 @@ class ChunkStore:
     def has(self, chunk_id: bytes) -> bool:
         return self.path(chunk_id).exists()
 
-    def put(self, chunk_id: bytes, ciphertext: bytes) -> bool:
-        """Store a chunk unless present; True if it was written now. ENOSPC propagates."""
+    def put(self, chunk_id: bytes, ciphertext: bytes, *, overwrite: bool = False) -> bool:
+        """Store a chunk unless present; True if it was written now. ENOSPC propagates.
+
+        ``overwrite``: write it even if present (a fetched copy replacing a local
+        one that may be corrupt). The new file is renamed over the old one, so
+        the id always names a whole file, and a failed write leaves the old one.
+        """
         final = self.path(chunk_id)
-        if final.exists():
+        if not overwrite and final.exists():
             return False
         fanout = chunk_id.hex()[:2] + "/" + chunk_id.hex()[2:4]
         if fanout not in self._fanout:
