@@ -87,8 +87,8 @@ class ChunkIO:
         block, size = await trio.to_thread.run_sync(
             self._seal_and_store, plaintext, limiter=self._limiter
         )
-        assert block.chunk_id is not None
-        self._remember(block.chunk_id, plaintext)  # on the loop: the pools are trio-only
+        # Not kept in the decrypted-chunk cache: the kernel's page cache holds what was
+        # just written, and a writer filling the cache cost 20 MiB of peak memory.
         return block, size
 
     def _seal_and_store(self, plaintext: bytes) -> tuple[Block, int]:
