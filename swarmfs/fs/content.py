@@ -38,6 +38,9 @@ from swarmfs.store.cas import ChunkStore
 log = logging.getLogger(__name__)
 
 PREFETCH_PARALLEL = 8  # chunks loaded ahead at once, node-wide
+SMALL_CHUNK = 64 * 1024
+"""Chunks up to this size (small files, tails) are read and decrypted on the loop:
+~20 µs, against ~60 µs for the two thread switches around it."""
 LOAD_PARALLEL = 8  # chunk files read (and decrypted) at once: mostly waiting on the disk
 
 
@@ -128,6 +131,8 @@ class ChunkIO:
         await self._fetch_pool.acquire(held)
         try:
             try:
+                if block.length <= SMALL_CHUNK:  # a thread switch costs more than the read
+                    return self._load(block)
                 return await trio.to_thread.run_sync(self._load, block, limiter=self._load_limiter)
             except (ChunkMissing, CorruptChunk) as exc:
                 if self.source is None:
