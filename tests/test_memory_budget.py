@@ -7,6 +7,7 @@ either. The bounds are read from the pools' own counters (``used``/``peak``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -228,6 +229,71 @@ async def test_a_reader_closed_while_it_waits_for_the_receive_pool_took_nothing(
     assert pool.used == pool.limit
     pool.release(pool.limit)
     assert pool.used == 0
+
+
+async def test_a_frame_trickled_below_the_minimum_rate_is_cut_and_frees_its_bytes(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer announces a chunk-sized frame and sends a byte a second, so it is never
+    silent: its connection is closed when the frame's bound runs out (one warning
+    line), its reservation is freed, and an honest peer's put, which waited for
+    that room, is served."""
+    pool = Pool("receive", 2 * MiB + 64 * 1024)
+    settings = ConnectionSettings(
+        receive_pool=pool, frame_timeout=5, frame_min_rate=64 * 1024, dead_after=20
+    )
+    put = encode_frame(ChunkPut(id=1, chunk_id=bytes(32), data=bytes(CHUNK_SIZE)))
+    bound = settings.frame_time(len(put) - 4)  # 16 s: the rate term, not the floor
+    assert bound > settings.frame_timeout
+
+    handled_at: list[float] = []
+
+    async def on_put(peer: PeerConnection, msg: Message) -> Message:
+        assert isinstance(msg, ChunkPut)
+        handled_at.append(trio.current_time())
+        return Stored(chunk_id=msg.chunk_id)
+
+    pool.take(MiB)  # other connections' bodies
+    with trio.fail_after(10 * bound):
+        async with (
+            raw_peer({"chunk_put": on_put}, settings) as (slow, slow_far),
+            raw_peer({"chunk_put": on_put}, settings) as (honest, honest_far),
+        ):
+            start = trio.current_time()
+            await slow_far.send_all(put[:4096])
+            await wait_until(lambda: pool.used > MiB)  # the slow frame holds its bytes
+
+            async def trickle() -> None:
+                for i in range(4096, len(put)):
+                    await trio.sleep(1)  # well within dead_after: never silent
+                    try:
+                        await slow_far.send_all(put[i : i + 1])
+                    except trio.BrokenResourceError:
+                        return
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trickle)
+                await honest_far.send_all(put)  # waits for the pool behind the slow one
+                await slow.wait_closed()
+                closed_after = trio.current_time() - start
+                nursery.cancel_scope.cancel()
+            assert bound <= closed_after <= bound + 2
+            assert slow.close_reason == (
+                f"frame of {len(put) - 4} bytes not received within {bound:.3g} s"
+            )
+            decoder = FrameDecoder()
+            while True:
+                frames = decoder.feed(await honest_far.receive_some())
+                if stored := [m for f in frames if not isinstance(m := decode_message(f), Ping)]:
+                    break
+            assert stored == [Stored(id=1, chunk_id=bytes(32))]
+            assert len(handled_at) == 1 and handled_at[0] - start >= closed_after  # it waited
+            assert not honest.closed
+            await wait_until(lambda: pool.used == MiB)  # only the others' bytes are held
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [w.getMessage() for w in warnings] == [
+        f"connection with {slow} closed: {slow.close_reason}"
+    ]
 
 
 async def test_a_fetch_whose_cache_write_cannot_start_gives_its_memory_back(

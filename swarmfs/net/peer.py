@@ -27,6 +27,17 @@ reaches the request that waits for it. A request whose reply may carry a chunk
 (``LARGE_REPLY``) takes ``MAX_FRAME`` bytes of the ``send`` pool before its
 handler runs, until the reply is written.
 
+Silence alone cannot free a reservation, since every byte resets it: a peer
+could announce a chunk-sized frame and trickle one byte a minute. So once its
+bytes are reserved, the rest of a frame's body must arrive within
+``max(frame_timeout, size / frame_min_rate)`` seconds, or the connection is
+closed (one warning line) and the bytes are freed. The clock starts once the
+bytes are reserved (waiting for the pool is not the peer's fault), and the
+floor equals the sender's own limit for writing one frame (``dead_after``),
+so a sender gets at least the time it gives itself; the rate term (16 KiB/s,
+a 68 s bound for a ``MAX_FRAME``) leaves headroom for the tail of a large
+frame still in the sender's kernel buffers.
+
 A protocol violation closes this connection and is logged once as one warning
 line; losing a connection is logged at info; neither is a traceback. A handler
 that raises an unexpected exception is a bug: it is logged with its traceback
@@ -37,6 +48,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 
@@ -88,10 +100,18 @@ class ConnectionSettings:
     ping_interval: float = 15.0
     dead_after: float = 60.0
     """Close when nothing arrived for this long, or a frame took this long to send."""
+    frame_timeout: float = 60.0
+    """Least time the rest of a reserved (large) frame's body gets to arrive."""
+    frame_min_rate: float = 16 * 1024
+    """Bytes per second below which a reserved frame's body is too slow (see ``frame_time``)."""
     receive_pool: Pool | None = None
     """The node's ``receive`` pool; ``None``: the connection gets one of its own."""
     send_pool: Pool | None = None
     """The node's ``send`` pool; ``None``: the connection gets one of its own."""
+
+    def frame_time(self, size: int) -> float:
+        """Seconds the body of a reserved frame of ``size`` bytes gets to arrive."""
+        return max(self.frame_timeout, size / self.frame_min_rate)
 
 
 @dataclass
@@ -273,13 +293,14 @@ class PeerConnection:
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         pool = self._receive_pool
         reserved = 0  # bytes of the pool taken for the frame whose body is being read
+        due = math.inf  # when the rest of that body must have arrived
         try:
             while True:
                 # The frames exchange_hello left in the decoder come first. Frames are
                 # taken oldest first, so a reservation (taken only when none is left)
                 # belongs to the next one.
                 while (body := self._decoder.next_frame()) is not None:
-                    held, reserved = reserved, 0
+                    held, reserved, due = reserved, 0, math.inf
                     if not held and len(body) >= RESERVE_FROM:  # it came whole in one read
                         held = len(body)
                         await pool.acquire(held)
@@ -294,7 +315,17 @@ class PeerConnection:
                 if not reserved and (size := self._decoder.pending) >= RESERVE_FROM:
                     await pool.acquire(size)
                     reserved = size  # only once taken: a wait cancelled by a close holds nothing
-                self._decoder.feed(await self._receive())
+                    due = trio.current_time() + self._settings.frame_time(size)
+                with trio.CancelScope(deadline=due) as scope:
+                    data = await self._receive()
+                if scope.cancelled_caught:
+                    limit = self._settings.frame_time(reserved)
+                    self._abort(
+                        f"frame of {reserved} bytes not received within {limit:.3g} s",
+                        logging.WARNING,
+                    )
+                    return  # the stream is closed by run; finally frees the reservation
+                self._decoder.feed(data)
         except ProtocolError as exc:
             self._abort(f"protocol error: {exc}", logging.WARNING)
         except PeerUnavailable:
