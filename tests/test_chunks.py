@@ -10,13 +10,12 @@ import errno
 import hashlib
 import os
 import secrets
-import subprocess
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import trio
+from faultkit import small_disk
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -163,24 +162,6 @@ def test_partial_chunks_never_appear_under_their_id(tmp_path: Path) -> None:
     assert not leftover.exists()
 
 
-@contextmanager
-def tiny_disk(path: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of ``size`` at ``path`` (a real ENOSPC), unmounted (lazily if busy) on exit."""
-    path.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {result.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
-
-
 def test_overwrite_renames_a_new_file_over_the_old_one(tmp_path: Path) -> None:
     store = ChunkStore(tmp_path / "chunks")
     sealed = chunks.seal(KEY, os.urandom(4096))
@@ -196,7 +177,7 @@ def test_overwrite_renames_a_new_file_over_the_old_one(tmp_path: Path) -> None:
 
 
 def test_an_overwrite_that_fails_for_want_of_space_leaves_the_old_file(tmp_path: Path) -> None:
-    with tiny_disk(tmp_path / "chunks", "64k") as root:
+    with small_disk(tmp_path / "chunks", "64k") as root:
         store = ChunkStore(root)
         sealed = chunks.seal(KEY, os.urandom(256 * 1024))  # larger than the whole disk
         store.put(sealed.chunk_id, b"\x01old copy")

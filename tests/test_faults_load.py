@@ -64,11 +64,23 @@ def swarm(tmp_path: Path) -> Iterator[FaultSwarm]:
 
 
 class Worker(threading.Thread):
+    ended = threading.Event()
+    """Set when any worker's loop returns: before ``stop``, that is a failure."""
+
     def __init__(self, name: str) -> None:
         super().__init__(daemon=True, name=name)
         self.stop = threading.Event()
         self.ops = 0
         self.problems: list[str] = []
+
+    def run(self) -> None:
+        try:
+            self.work()
+        finally:
+            Worker.ended.set()
+
+    def work(self) -> None:
+        raise NotImplementedError
 
 
 class Writer(Worker):
@@ -78,7 +90,7 @@ class Writer(Worker):
         self.rng = random.Random(index)
         self.final: dict[str, bytes | None] = {}
 
-    def run(self) -> None:
+    def work(self) -> None:
         serial = 0
         while not self.stop.is_set():
             live = [n for n, d in self.final.items() if d is not None]
@@ -111,7 +123,7 @@ class Reader(Worker):
         self.eio: list[str] = []
         self.torn: list[str] = []
 
-    def run(self) -> None:
+    def work(self) -> None:
         while not self.stop.is_set():
             d = self.root / f"w{self.rng.randrange(WRITERS)}"
             path = d
@@ -148,14 +160,11 @@ def test_eight_writers_eight_readers_three_nodes(swarm: FaultSwarm) -> None:
         w.dir.mkdir()
     readers = [Reader(nodes[(i + 1) % 3], i) for i in range(READERS)]
     workers: list[Worker] = [*writers, *readers]
-    started = time.monotonic()
+    Worker.ended.clear()
     for w in workers:
         w.start()
-    peak: dict[str, int] = {}
-    while time.monotonic() - started < DURATION and all(w.is_alive() for w in workers):
-        for node in nodes:  # sample memory while the load runs (VmHWM keeps the peak anyway)
-            peak[node.name] = proc_memory(node.pid or -1)["VmHWM"]
-        time.sleep(1)  # the sampling period of the memory probe, not a synchronisation
+    Worker.ended.wait(DURATION)  # the load runs its time unless a worker gives up
+    stopped = time.monotonic()
     for w in workers:
         w.stop.set()
     for w in workers:
@@ -182,15 +191,14 @@ def test_eight_writers_eight_readers_three_nodes(swarm: FaultSwarm) -> None:
         return True
 
     eventually(converged, 120, "every node to hold the writers' final tree")
-    for node in nodes:
-        peak[node.name] = proc_memory(node.pid or -1)["VmHWM"]
+    peak = {node.name: proc_memory(node.pid or -1)["VmHWM"] for node in nodes}  # a high-water mark
     writes = sum(w.ops for w in writers)
     reads = sum(r.ops for r in readers)
     read_mib = sum(r.bytes for r in readers) / MiB
     eio = [e for r in readers for e in r.eio]
     print(
         f"{DURATION:g} s: {writes} writes, {reads} reads ({read_mib:.0f} MiB, {len(eio)} EIO);"
-        f" converged {time.monotonic() - started - DURATION:.1f} s later; VmHWM KiB {peak}"
+        f" converged {time.monotonic() - stopped:.1f} s later; VmHWM KiB {peak}"
     )
     assert max(peak.values()) < HWM_BUDGET_KIB, peak
     for node in nodes:

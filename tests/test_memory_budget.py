@@ -265,7 +265,7 @@ async def test_a_frame_trickled_below_the_minimum_rate_is_cut_and_frees_its_byte
 
             async def trickle() -> None:
                 for i in range(4096, len(put)):
-                    await trio.sleep(1)  # well within dead_after: never silent
+                    await trio.sleep(1)  # the input: one byte a (virtual) second, never silent
                     try:
                         await slow_far.send_all(put[i : i + 1])
                     except trio.BrokenResourceError:

@@ -37,7 +37,7 @@ READ_AHEAD = 8  # chunks prefetched ahead of a sequential reader
 SEAL_AHEAD = 4  # full chunks being hashed and encrypted behind the writers, node-wide
 MAX_FILE_SIZE = 1 << 43  # 8 TiB: larger offsets get EFBIG
 READDIR_BATCH = 256
-SMALL_FILE = 64 * CHUNK_SIZE  # freeing a detached file up to this size commits on the loop
+INLINE_FREE_MAX = 64 * CHUNK_SIZE  # a detached file up to this size is freed on the loop
 
 _KIND_BITS = {
     Kind.FILE: stat.S_IFREG,
@@ -234,7 +234,7 @@ class Filesystem:
                 return  # a lookup racing a remote change may have handed it out since
             self._drop_staging(ino)
             self._displaced.pop(ino, None)
-            small = row.size <= SMALL_FILE  # its blocks are dropped in the transaction
+            small = row.size <= INLINE_FREE_MAX  # its blocks are dropped in the transaction
             gone = await self.db.write(lambda t: t.forget_hidden(ino), small=small)
             await self._delete_chunks(gone)
         except Exception:

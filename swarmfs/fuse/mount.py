@@ -44,7 +44,7 @@ def raise_readahead(mountpoint: Path, kib: int = READ_AHEAD_KIB) -> None:
 
     Sequential reads then arrive as 1 MiB requests with the next ones already
     under way, instead of one 128 KiB request at a time: a cold ``dd`` of 1 GiB
-    went from ~400 to ~830 MB/s here. Needs root (sysfs); otherwise reads keep
+    went from ~400 to ~950 MB/s here. Needs root (sysfs); otherwise reads keep
     the default, which is only slower. Call it once the mount answers: the
     kernel sets read-ahead anew from the reply to FUSE's INIT request.
     """

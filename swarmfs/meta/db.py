@@ -641,7 +641,7 @@ class Txn(Queries):
 
     def drop_unreferenced(self, chunk_ids: Iterable[bytes]) -> list[bytes]:
         """Forget inventory rows of chunks no block list references; returns them for deletion."""
-        gone = [(c,) for c in chunk_ids if not self.chunk_referenced(c)]
+        gone = self._unreferenced(chunk_ids)
         for table in ("chunks", "push_queue", "holders"):
             self.conn.executemany(f"DELETE FROM {table} WHERE chunk_id=?", gone)
         return [c for (c,) in gone]
@@ -662,12 +662,16 @@ class Txn(Queries):
         but become cache, evicted least-recently-used past ``--cache-size`` or
         reclaimed by GC after its grace period; nor are they pushed any more.
         """
-        gone = [(c,) for c in chunk_ids if not self.chunk_referenced(c)]
+        gone = self._unreferenced(chunk_ids)
+        now = time.time()
         self.conn.executemany(
-            "UPDATE chunks SET pinned=0, last_used=? WHERE chunk_id=?",
-            [(time.time(), c) for (c,) in gone],
+            "UPDATE chunks SET pinned=0, last_used=? WHERE chunk_id=?", [(now, c) for (c,) in gone]
         )
         self.conn.executemany("DELETE FROM push_queue WHERE chunk_id=?", gone)
+
+    def _unreferenced(self, chunk_ids: Iterable[bytes]) -> list[tuple[bytes]]:
+        """``(id,)`` rows, for executemany, of the chunks no block list references."""
+        return [(c,) for c in chunk_ids if not self.chunk_referenced(c)]
 
     def detach(self, row: Row, ino: int) -> None:
         """Move an open inode off ``row`` onto a hidden copy, so it outlives the path."""
