@@ -36,6 +36,7 @@ high-water mark ``peak`` (tests assert on them). Trio-only: not thread-safe.
 from __future__ import annotations
 
 import ctypes
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -51,14 +52,19 @@ _SHARES = {"receive": 2, "send": 2, "push": 2, "fetch": 5, "cache": 5}
 
 
 class Pool:
-    """Bytes of one kind held at once, bounded by ``limit``; waits are FIFO-free but fair enough."""
+    """Bytes of one kind held at once, bounded by ``limit``; waiters are served in order.
+
+    First come, first served: a reader waiting for room for one frame is not
+    overtaken again and again by a connection that keeps asking (a flood of
+    pushes once kept an honest peer's index reply waiting past its timeout).
+    """
 
     def __init__(self, name: str, limit: int) -> None:
         self.name = name
         self.limit = limit
         self.used = 0
         self.peak = 0
-        self._freed = trio.Event()
+        self._waiters: deque[tuple[int, trio.Event]] = deque()
 
     def __repr__(self) -> str:
         return f"<Pool {self.name} {self.used}/{self.limit}>"
@@ -67,11 +73,24 @@ class Pool:
         return self.used == 0 or self.used + size <= self.limit
 
     async def acquire(self, size: int) -> None:
-        """Wait until ``size`` bytes fit (or the pool is empty), then take them."""
+        """Wait until ``size`` bytes fit (or the pool is empty) and every earlier waiter
+        has been served, then take them."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        while not self.fits(size):
-            await self._freed.wait()
-        self.take(size)
+        if not self._waiters and self.fits(size):
+            self.take(size)
+            return
+        granted = trio.Event()
+        entry = (size, granted)
+        self._waiters.append(entry)
+        try:
+            await granted.wait()  # release() took the bytes for us
+        except BaseException:
+            if granted.is_set():  # granted as we were cancelled: hand the bytes back
+                self.release(size)
+            else:
+                self._waiters.remove(entry)
+                self._grant()  # we may have been the head that blocked the others
+            raise
 
     def take(self, size: int) -> None:
         """Take bytes without waiting (for memory that is evicted, not waited for)."""
@@ -82,8 +101,13 @@ class Pool:
     def release(self, size: int) -> None:
         self.used -= size
         assert self.used >= 0, f"{self.name} pool released more than it held"
-        freed, self._freed = self._freed, trio.Event()
-        freed.set()
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiters and self.fits(self._waiters[0][0]):
+            size, granted = self._waiters.popleft()
+            self.take(size)
+            granted.set()
 
     @asynccontextmanager
     async def hold(self, size: int) -> AsyncIterator[None]:

@@ -313,3 +313,59 @@ async def test_a_fetch_whose_cache_write_cannot_start_gives_its_memory_back(
     with trio.fail_after(5), pytest.raises(RuntimeError, match="closed"):
         await io.read(Block(s.chunk_id, s.h, s.length))
     assert budget.fetch.used == 0
+
+
+async def test_a_pool_serves_its_waiters_in_order() -> None:
+    """A large waiter was overtaken by every smaller request that fitted a partly freed
+    pool, so a steady flood could keep it waiting for ever."""
+    pool = Pool("test", 2)
+    pool.take(2)
+    order: list[str] = []
+
+    async def wants(name: str, size: int) -> None:
+        await pool.acquire(size)
+        order.append(name)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wants, "big", 2)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(wants, "small", 1)
+        await trio.testing.wait_all_tasks_blocked()
+        pool.release(1)  # room for the small one, not yet for the big one ahead of it
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == []
+        pool.release(1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == ["big"]
+        pool.release(2)
+    assert order == ["big", "small"]
+    pool.release(1)
+    assert pool.used == 0
+
+
+async def test_a_cancelled_waiter_leaves_the_queue() -> None:
+    """A waiter that gives up must not keep blocking the ones queued behind it."""
+    pool = Pool("test", 2)
+    pool.take(2)
+    got_small = trio.Event()
+    cancel = trio.CancelScope()
+
+    async def big() -> None:
+        with cancel:
+            await pool.acquire(2)
+
+    async def small() -> None:
+        await pool.acquire(1)
+        got_small.set()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(big)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(small)
+            await trio.testing.wait_all_tasks_blocked()
+            pool.release(1)  # fits the small one, but the big one is ahead
+            assert not got_small.is_set()
+            cancel.cancel()
+            await got_small.wait()
+    assert pool.used == 2
