@@ -22,8 +22,10 @@ def save(kind: str, data: bytes) -> None:
 
 
 def main() -> None:
-    rec = {"p": b"dir/file.txt", "k": "file", "m": 0o644, "u": 0, "g": 0, "s": 5,
-           "t": 1, "v": {NODE: 1}, "by": NODE, "d": False, "b": [[CID, CID, 5]], "q": 1}  # fmt: skip
+    rec = {
+        "p": b"dir/file.txt", "k": "file", "m": 0o644, "u": 0, "g": 0, "s": 5, "t": 1,
+        "v": {NODE: 1}, "by": NODE, "d": False, "b": [[CID, CID, 5]], "q": 1,
+    }  # fmt: skip
     records = [
         rec,
         {**rec, "p": b"d", "k": "dir", "s": 0, "b": []},

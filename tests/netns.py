@@ -46,7 +46,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mounted import mount_entry, process_alive, run, swarmfs_command, wait_until
-from swarm_harness import Swarm, SwarmNode, free_port, require_fuse
+from ports import free_port
+from swarm_harness import Swarm, SwarmNode, require_fuse
 
 NODE_PORT = 7000
 """Every node listens on this port in its own namespace."""

@@ -28,7 +28,6 @@ import contextlib
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +36,7 @@ from typing import Any, TypeVar
 
 import pytest
 from mounted import SwarmMount, fuse_unavailable, process_alive, run, swarmfs_command
+from ports import free_port
 
 T = TypeVar("T")
 
@@ -45,13 +45,6 @@ SYNC_TIMEOUT = 15.0
 less than the nodes' 30 s request timeout, so a stalled link fails instead of recovering)."""
 CONNECT_TIMEOUT = 20.0
 """Seconds for nodes to find and authenticate each other (backoff starts at 1 s)."""
-
-
-def free_port() -> int:
-    """A loopback TCP port nobody listens on right now (bind to port 0, then release)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def eventually(predicate: Callable[[], T], timeout: float, what: str) -> T:

@@ -12,11 +12,12 @@ import os
 import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 import trio
+from ports import free_port
 
 from swarmfs.crypto import certs
 from swarmfs.crypto.keys import NodeIdentity, new_swarm_key
@@ -125,6 +126,7 @@ class Swarm:
         store: MemoryPeerStore | None = None,
         key: bytes | None = None,
         settings: MembershipSettings = FAST,
+        listen: str = "127.0.0.1:0",
     ) -> Node:
         identity = identity or NodeIdentity.generate()
         store = store if store is not None else MemoryPeerStore()
@@ -133,7 +135,7 @@ class Swarm:
         membership = Membership(
             identity,
             key or self.key,
-            listen="127.0.0.1:0",
+            listen=listen,
             bootstrap=bootstrap,
             store=store,
             tls_dir=tls_dir,
@@ -267,6 +269,25 @@ async def test_restarted_node_reconnects_from_remembered_peers(tmp_path: Path) -
             await mesh(a, b, again)
             known = {p.id: p.address for p in a.membership.peers()}
             assert known[c.id] == again.address
+
+
+async def test_redial_reaches_a_returning_peer_before_its_backoff(tmp_path: Path) -> None:
+    """After a partition the backoff may be minutes away; a reader waiting on the peer
+    calls ``redial`` and must not wait for it (the partition test lost a read this way)."""
+    patient = replace(FAST, backoff_initial=600.0, backoff_max=600.0)
+    listen = f"127.0.0.1:{free_port()}"
+    with trio.fail_after(15):
+        async with swarm(tmp_path) as s:
+            b = await s.start(listen=listen)
+            a = await s.start(bootstrap=[b.address], settings=patient)
+            await mesh(a, b)
+            b.stop()
+            await a.membership.wait_for(lambda: b.id not in connected_ids(a))
+            # b is back on its address but does not dial a; a's next try is up to 600 s away
+            again = await s.start(identity=b.identity, listen=listen)
+            assert again.id not in connected_ids(a)
+            a.membership.redial([again.id])
+            await mesh(a, again)
 
 
 @pytest.mark.parametrize("attempt", range(3))

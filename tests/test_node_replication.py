@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
+from ports import free_port
 
 from swarmfs import CHUNK_SIZE
 from swarmfs.config import Address, Config
@@ -26,12 +26,6 @@ from swarmfs.node import Node
 from swarmfs.swarm.membership import MembershipSettings
 
 ME = Caller(uid=0, gid=0, umask=0o022)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Cluster:

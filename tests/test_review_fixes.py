@@ -28,9 +28,10 @@ import pytest
 import trio
 from faultkit import fill_disk, small_disk
 from mounted import SwarmMount, fuse_unavailable, swarmfs_command
+from ports import free_port
 from swarm_harness import chunk_files, eventually
 from test_fs_api import KEY, Harness, rand
-from test_node_replication import free_port, read_file, write_file
+from test_node_replication import read_file, write_file
 
 from swarmfs import CHUNK_SIZE, control
 from swarmfs import node as node_module

@@ -17,7 +17,9 @@
   avoid the duplicate in the first place, of two nodes that learn of each
   other from a third, the smaller id dials at once and the larger waits
   ``pex_grace`` (the ids in a ``hello``'s peer list are hints, checked by TLS).
-- A lost peer is redialled with exponential backoff and jitter.
+- A lost peer is redialled with exponential backoff and jitter; ``redial``
+  cuts the wait short when a reader needs a peer now (after a partition heals,
+  the backoff may be a minute away).
 
 Logging: a failed inbound handshake is one warning line per connection; a
 failed dial is one line per address and reason (info when unreachable,
@@ -155,6 +157,8 @@ class _Target:
     """Where a node we have been connected to listens (kept however long it is away)."""
     failures: int = 0
     next_try: float = -math.inf
+    hurried_at: float = -math.inf
+    """When ``redial`` last moved ``next_try`` forward."""
     in_flight: bool = False
     is_self: bool = False
     last_error: str | None = None
@@ -228,6 +232,27 @@ class Membership:
     def add_address(self, address: str) -> None:
         """Dial ``address`` (as if given with ``--bootstrap``) until it answers."""
         self._add_target(format_address(*_checked_address(address, "address")), bootstrap=True)
+
+    def redial(self, node_ids: Iterable[str]) -> None:
+        """Dial these known, unconnected peers now instead of at their backoff time.
+
+        A reader waiting for a chunk only they hold calls this. A peer is
+        hurried at most once per ``backoff_initial`` so waiting readers cannot
+        turn into a dial storm, and not while a dial to it is in flight.
+        """
+        wanted = set(node_ids)
+        now = trio.current_time()
+        for target in self._targets.values():
+            if target.node_id not in wanted or target.in_flight or target.next_try <= now:
+                continue
+            if (
+                self.connection(target.node_id)
+                or now - target.hurried_at < self._settings.backoff_initial
+            ):
+                continue
+            target.hurried_at = now
+            target.next_try = now
+            self._wake_dialler.set()
 
     def connected_peers(self) -> list[PeerConnection]:
         return [c for c in self._connections.values() if not c.closed]

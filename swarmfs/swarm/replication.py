@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import trio
 
@@ -56,6 +56,8 @@ class Peers:
     async def wait_for(self, predicate: Callable[[], bool]) -> None: ...  # pragma: no cover
 
     def peers(self) -> list[PeerStatus]: ...  # pragma: no cover
+
+    def redial(self, node_ids: Iterable[str]) -> None: ...  # pragma: no cover
 
 
 class ChunkService:
@@ -258,6 +260,7 @@ class Fetcher:
                 known = {p.id for p in self.peers.peers()}
                 if asked and known <= set(asked):
                     break  # every peer this node knows answered: it is nowhere
+                self.peers.redial(known - set(asked))  # not at its backoff time: now
                 await self.peers.wait_for(  # an unasked peer may yet connect (bounded)
                     lambda: any(c.peer_id not in asked for c in self.peers.connected_peers())
                 )
