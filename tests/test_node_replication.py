@@ -19,7 +19,7 @@ from ports import free_port
 from swarmfs import CHUNK_SIZE
 from swarmfs.config import Address, Config
 from swarmfs.datadir import DataDir
-from swarmfs.fs.namespace import Caller, FsError
+from swarmfs.fs.namespace import READ_AHEAD, Caller, FsError
 from swarmfs.meta.db import ROOT_INO
 from swarmfs.net.peer import ConnectionSettings
 from swarmfs.node import Node
@@ -160,6 +160,30 @@ async def test_replicas_one_reader_fetches_on_read_and_keeps_it(tmp_path: Path) 
             # their cache files are written and recorded behind the read
             await eventually(lambda: b.db.reader.chunk_bytes()[1] > len(data), "cached copies")
             assert b.db.reader.chunk_bytes()[0] == 0, "kept as cache, not as replicas"
+
+
+async def test_a_sequential_reader_queues_each_chunk_for_read_ahead_once(tmp_path: Path) -> None:
+    """Each 1 MiB read asked for the next ``READ_AHEAD`` chunks again, and each ask spawned
+    a task even for chunks already queued: the read-ahead slots filled with tasks waiting
+    on fetches already running, and fetch on read got ~2 chunks in flight instead of 8."""
+    data = os.urandom(24 * CHUNK_SIZE)
+    with trio.fail_after(60):
+        async with running_nodes(tmp_path, 2, replicas=1) as (a, b):
+            await eventually(lambda: b.membership.connected_peers(), "a connection")
+            await write_file(a, b"big", data)
+            await eventually(lambda: has(b, b"big", len(data)), "the record on b")
+            attr = await b.fs.lookup(ROOT_INO, b"big")
+            fh = await b.fs.open(attr.ino, os.O_RDONLY)
+            slots = b.fs.chunks._prefetch_slots
+            queued = []
+            try:
+                for offset in range(0, len(data), CHUNK_SIZE):
+                    block = await b.fs.read(fh, offset, CHUNK_SIZE)
+                    assert block == data[offset : offset + CHUNK_SIZE]
+                    queued.append(slots.statistics().tasks_waiting)
+            finally:
+                await b.fs.release(fh)
+            assert max(queued) <= READ_AHEAD, f"read-ahead tasks waiting for a slot: {queued}"
 
 
 async def test_concurrent_edits_keep_both_versions(tmp_path: Path) -> None:

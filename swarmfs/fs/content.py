@@ -83,6 +83,11 @@ class ChunkIO:
         self.source = source
         self._inflight: dict[bytes, trio.Event] = {}
         self._prefetch_slots = trio.Semaphore(PREFETCH_PARALLEL)
+        self._read_ahead: set[bytes] = set()
+        """Chunks with a read-ahead task, running or waiting for a slot. Each sequential
+        read asks for the next chunks again; a second task for one of them would take a
+        slot only to wait on the first, and the slots ended up holding such waiters:
+        ~2 fetches in flight instead of ``PREFETCH_PARALLEL``."""
         self.nursery: trio.Nursery | None = None  # where read-ahead runs; set by the node
 
     async def seal_and_store(self, plaintext: bytes) -> tuple[Block, int]:
@@ -186,16 +191,21 @@ class ChunkIO:
             cid = block.chunk_id
             if cid is None or cid in self._plain or cid in self._inflight:
                 continue
-            self.nursery.start_soon(self._prefetch_one, block)
+            if cid in self._read_ahead:  # already queued for a slot by an earlier read
+                continue
+            self._read_ahead.add(cid)
+            self.nursery.start_soon(self._prefetch_one, block, cid)
 
-    async def _prefetch_one(self, block: Block) -> None:
-        async with self._prefetch_slots:
-            try:
+    async def _prefetch_one(self, block: Block, cid: bytes) -> None:
+        try:
+            async with self._prefetch_slots:
                 await self.read(block)
-            except (ChunkMissing, CorruptChunk, OSError) as exc:
-                log.debug("read-ahead of a chunk failed: %s", exc)  # the read itself reports it
-            except Exception:  # runs in the node's nursery: never take the node down
-                log.exception("read-ahead of a chunk failed")
+        except (ChunkMissing, CorruptChunk, OSError) as exc:
+            log.debug("read-ahead of a chunk failed: %s", exc)  # the read itself reports it
+        except Exception:  # runs in the node's nursery: never take the node down
+            log.exception("read-ahead of a chunk failed")
+        finally:
+            self._read_ahead.discard(cid)
 
     def _load(self, block: Block) -> bytes:
         assert block.chunk_id is not None and block.h is not None
