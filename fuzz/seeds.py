@@ -45,7 +45,7 @@ def main() -> None:
         wire.Hello(listen="10.0.0.1:3000", peers=((NODE, "[::1]:7"),), index_id=5, sequence=9),
         wire.IndexSince(id=1, index_id=2, since=3),
         wire.Index(id=1, index_id=2, sequence=3, records=(rec,), more=True),
-        wire.Announce(index_id=2, sequence=3, records=(rec,)),
+        wire.Announce(index_id=2, after=2, sequence=3, records=(rec,)),
         wire.ChunkPut(id=4, chunk_id=CID, data=b"\x01" * 100),
         wire.ChunkGet(id=5, chunk_id=CID),
         wire.Chunk(id=5, chunk_id=CID, data=b"x"),

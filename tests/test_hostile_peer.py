@@ -255,7 +255,7 @@ CLOSING_FRAMES: dict[str, Callable[[], bytes]] = {  # built when used: some are 
     "request id negative": lambda: frame(pack({"t": "ping", "id": -1})),
     "extension type": lambda: frame(b"\x82\xa1t\xa4ping\xa2id\xd6\x01abcd"),
     "nesting 100000 deep": lambda: frame(
-        pack({"t": "announce", "index_id": 1, "sequence": 1, "records": []})[:-1]
+        pack({"t": "announce", "index_id": 1, "after": 0, "sequence": 1, "records": []})[:-1]
         + b"\x91" * 100_000
         + b"\x90"
     ),
@@ -264,6 +264,7 @@ CLOSING_FRAMES: dict[str, Callable[[], bytes]] = {  # built when used: some are 
             {
                 "t": "announce",
                 "index_id": 1,
+                "after": 0,
                 "sequence": 1,
                 "records": [{"p": b"n" * (10 * MiB), "q": 1}],
             }
@@ -274,6 +275,7 @@ CLOSING_FRAMES: dict[str, Callable[[], bytes]] = {  # built when used: some are 
             {
                 "t": "announce",
                 "index_id": 1,
+                "after": 0,
                 "sequence": 1,
                 "records": [{"p": b"v", "q": 1, "v": {f"{i:026d}": 1 for i in range(1_000_000)}}],
             }
@@ -413,7 +415,7 @@ async def _deliver(client: Client, how: str, recs: list[dict[str, Any]]) -> None
     for i, rec in enumerate(recs, 1):
         rec["q"] = i
     if how == "announce":
-        await client.send({"t": "announce", "index_id": client.index_id,
+        await client.send({"t": "announce", "index_id": client.index_id, "after": 0,
                            "sequence": len(recs), "records": recs})  # fmt: skip
         assert await client.alive()  # a push is handled before the next request
         return
@@ -421,8 +423,9 @@ async def _deliver(client: Client, how: str, recs: list[dict[str, Any]]) -> None
     await client.send({"t": "hello", "version": 1, "listen": None, "peers": [],
                        "index_id": client.index_id, "sequence": len(recs)})  # fmt: skip
     # an announce that leaves a gap: the node pulls
+    gap = len(recs) + 5
     await client.send({"t": "announce", "index_id": client.index_id,
-                       "sequence": len(recs) + 5, "records": []})  # fmt: skip
+                       "after": gap - 1, "sequence": gap, "records": []})  # fmt: skip
     with trio.fail_after(15):
         while True:
             msg = await _next_raw(client)
@@ -451,7 +454,7 @@ async def test_huge_version_vectors_are_rejected_within_memory(target: Target) -
     tiny = {f"{i:x}": 1 for i in range(150_000)}
     for vector in (wide, tiny):
         offset = target.log_offset()
-        body = pack({"t": "announce", "index_id": secrets.randbits(62), "sequence": 1,
+        body = pack({"t": "announce", "index_id": secrets.randbits(62), "after": 0, "sequence": 1,
                      "records": [record(b"vv", "a" * 26, 1, v=vector)]})  # fmt: skip
         assert len(body) < MiB + 64 * 1024, len(body)
         await client.send_raw(frame(body))
@@ -497,6 +500,7 @@ async def test_push_flood_is_absorbed_with_bounded_memory(target: Target) -> Non
                         {
                             "t": "announce",
                             "index_id": index_id,
+                            "after": 10**9 + i - 1,
                             "sequence": 10**9 + i,
                             "records": [],
                         }
@@ -573,7 +577,9 @@ async def test_announce_while_the_node_pulls_from_us_does_not_stall_it(target: T
     # The node is pulling from us. An honest peer commits something right now: its
     # announce goes out before the index reply, as it would from a real node.
     rec = record(name, by, 1)
-    await client.send({"t": "announce", "index_id": index_id, "sequence": 1, "records": [rec]})
+    await client.send(
+        {"t": "announce", "index_id": index_id, "after": 0, "sequence": 1, "records": [rec]}
+    )
     await client.send({"t": "index", "id": msg["id"], "index_id": index_id, "sequence": 1,
                        "records": [rec], "more": False})  # fmt: skip
     try:

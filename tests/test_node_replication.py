@@ -21,7 +21,8 @@ from swarmfs.config import Address, Config
 from swarmfs.datadir import DataDir
 from swarmfs.fs.namespace import READ_AHEAD, Caller, FsError
 from swarmfs.meta.db import ROOT_INO
-from swarmfs.net.peer import ConnectionSettings
+from swarmfs.net.peer import ConnectionSettings, PeerConnection
+from swarmfs.net.wire import Announce, Message
 from swarmfs.node import Node
 from swarmfs.swarm.membership import MembershipSettings
 
@@ -184,6 +185,32 @@ async def test_a_sequential_reader_queues_each_chunk_for_read_ahead_once(tmp_pat
             finally:
                 await b.fs.release(fh)
             assert max(queued) <= READ_AHEAD, f"read-ahead tasks waiting for a slot: {queued}"
+
+
+async def test_a_change_is_not_announced_back_to_the_peer_it_came_from(tmp_path: Path) -> None:
+    """DESIGN.md §6: an applied change goes to every peer except its source. Echoing it
+    back cost the source a decode and a transaction per change: with one peer, creating
+    small files took 2.7x as long as alone."""
+    with trio.fail_after(60):
+        async with running_nodes(tmp_path, 2) as (a, b):
+            await eventually(lambda: a.membership.connected_peers(), "a connection")
+            from_b: list[bytes] = []
+
+            async def spy(conn: PeerConnection, msg: Message) -> None:
+                assert isinstance(msg, Announce)
+                from_b.extend(m["p"] for m in msg.records)
+                await a.sync.on_announce(conn, msg)
+
+            a.membership.register_handler("announce", spy)
+            names = [f"from-a-{i}".encode() for i in range(5)]
+            for name in names:
+                await write_file(a, name, name)
+            await eventually(lambda: all(has(b, n, len(n)) for n in names), "a's files on b")
+            await write_file(b, b"from-b", b"b")  # announced after the ones b applied
+            await eventually(lambda: has(a, b"from-b", 1), "b's file on a")
+            assert b"from-b" in from_b, "the spy sees b's announces"
+            echoed = sorted(set(from_b) & set(names))
+            assert not echoed, f"b announced a's own changes back to a: {echoed}"
 
 
 async def test_concurrent_edits_keep_both_versions(tmp_path: Path) -> None:

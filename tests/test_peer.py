@@ -164,9 +164,9 @@ async def test_pushes_are_handled_in_order() -> None:
     with trio.fail_after(5):
         async with pair({"announce": on_announce}) as (a, _):
             for seq in range(50):
-                await a.send(Announce(index_id=1, sequence=seq))
+                await a.send(Announce(index_id=1, after=seq, sequence=seq + 1))
             await all_seen.wait()
-    assert seen == list(range(50))
+    assert seen == list(range(1, 51))
 
 
 async def test_a_malformed_frame_closes_the_connection_with_one_warning(

@@ -76,7 +76,15 @@ messages: st.SearchStrategy[Message] = st.one_of(
     ),
     st.builds(IndexSince, id=ids, index_id=u64, since=ids),
     st.builds(Index, id=ids, index_id=u64, sequence=ids, records=records, more=st.booleans()),
-    st.builds(Announce, index_id=u64, sequence=ids, records=records),
+    ids.filter(lambda n: n > 0).flatmap(
+        lambda seq: st.builds(
+            Announce,
+            index_id=u64,
+            after=st.integers(0, seq - 1),
+            sequence=st.just(seq),
+            records=records,
+        )
+    ),
     st.builds(ChunkPut, id=ids, chunk_id=chunk_ids, data=chunk_data),
     st.builds(Stored, id=ids, chunk_id=chunk_ids),
     st.builds(ChunkGet, id=ids, chunk_id=chunk_ids),
@@ -200,7 +208,7 @@ def test_a_full_chunk_fits_in_one_frame() -> None:
 
 
 def test_encoding_a_message_too_big_for_a_frame_is_a_bug() -> None:
-    msg = Announce(index_id=1, sequence=1, records=({"blob": b"\x00" * MAX_FRAME},))
+    msg = Announce(index_id=1, after=0, sequence=1, records=({"blob": b"\x00" * MAX_FRAME},))
     with pytest.raises(ValueError, match="frame limit"):
         encode_frame(msg)
 
@@ -238,18 +246,32 @@ def test_unknown_type_with_id_becomes_an_unknown_request() -> None:
         (b"\x91" * 5000 + b"\xc0", "undecodable"),  # nesting bomb
         (b"\xdd\xff\xff\xff\xff", "undecodable"),  # claims 4 G array items
         (
-            msgpack.packb({"t": "announce", "index_id": 1, "sequence": 1, "records": [1]}),
+            msgpack.packb(
+                {"t": "announce", "index_id": 1, "after": 0, "sequence": 1, "records": [1]}
+            ),
             "entries must be maps",
         ),
         (
             msgpack.packb(
-                {"t": "announce", "index_id": 1, "sequence": 1, "records": [{"f": float("nan")}]}
+                {
+                    "t": "announce",
+                    "index_id": 1,
+                    "after": 0,
+                    "sequence": 1,
+                    "records": [{"f": float("nan")}],
+                }
             ),
             "NaN",
         ),
         (
             msgpack.packb(
-                {"t": "announce", "index_id": 1, "sequence": 1, "records": [{"k": {b"b": 1}}]}
+                {
+                    "t": "announce",
+                    "index_id": 1,
+                    "after": 0,
+                    "sequence": 1,
+                    "records": [{"k": {b"b": 1}}],
+                }
             ),
             "keys must be strings",
         ),
@@ -277,7 +299,9 @@ def test_deeply_nested_records_are_refused() -> None:
     value: object = 1
     for _ in range(wire.MAX_DEPTH + 2):
         value = [value]
-    body = msgpack.packb({"t": "announce", "index_id": 1, "sequence": 1, "records": [{"v": value}]})
+    body = msgpack.packb(
+        {"t": "announce", "index_id": 1, "after": 0, "sequence": 1, "records": [{"v": value}]}
+    )
     with pytest.raises(ProtocolError, match="nesting"):
         decode_message(body)
 

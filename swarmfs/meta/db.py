@@ -474,6 +474,9 @@ class Txn(Queries):
         self.node_id = node_id
         self.push_new_chunks = push  # False with --replicas 1: nothing is ever pushed
         self.invalidations: list[tuple[bytes, bytes, int | None, bool]] = []
+        self.received: list[int] = []
+        """Sequences of records ``apply_remote`` stored exactly as the peer sent them
+        (not merged, not a conflict copy): the peer has these, no need to announce back."""
 
     def next_sequence(self) -> int:
         seq = int(self.meta("sequence", 0)) + 1  # type: ignore[arg-type]
@@ -815,8 +818,17 @@ class Txn(Queries):
         even be handing it out right now from a lookup racing this transaction;
         ``Filesystem.sweep_detached`` frees the ones it does not hold.
         """
+        before = int(self.meta("sequence", 0))  # type: ignore[arg-type]
         # chunks of a replaced version retire only now: a conflict copy may use them
         self.retire(self._merge(rec))
+        now = self.by_path(rec.path)
+        if (
+            now is not None
+            and now.sequence > before
+            and now.version == rec.version
+            and now.modified_by == rec.modified_by
+        ):
+            self.received.append(now.sequence)
 
     def _merge(self, rec: Record) -> set[bytes]:
         """Apply ``rec`` (and the conflict copy it makes, if any); returns the chunks

@@ -18,6 +18,8 @@ Runs on the trio loop; applying is one database write per page.
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any, Protocol
@@ -78,6 +80,7 @@ class IndexSync:
         self._inbox: dict[str, trio.MemorySendChannel[Announce]] = {}
         self._pull_later: set[str] = set()
         self._announced = db.reader.sequence()  # last change some peer has been sent
+        self._sources = _Sources()
 
     def backlog(self) -> int:
         """Changes made or applied here that no peer has been sent yet."""
@@ -147,13 +150,21 @@ class IndexSync:
     ) -> None:
         peer = conn.peer_id
 
+        noted: list[int] = []
+
         def txn(t: Any) -> Invalidations:
             for rec in records:
                 t.apply_remote(rec)
             t.set_peer_sequence(peer, index_id, sequence)
+            noted.extend(t.received)
+            self._sources.note(noted, peer)  # before the commit the announcer sees
             return t.invalidations
 
-        invalidations = await self.db.write(txn)
+        try:
+            invalidations = await self.db.write(txn, small=not records)
+        except BaseException:
+            self._sources.forget(noted)  # rolled back: these sequences will be reused
+            raise
         if invalidations:
             await self._applied(invalidations)
 
@@ -194,9 +205,9 @@ class IndexSync:
             remembered = self.db.reader.peer_sequence(conn.peer_id, msg.index_id)
             if msg.sequence <= remembered:
                 return  # already have all of it
-            seqs = [m.get("q") for m in msg.records]
-            if seqs and seqs == list(range(remembered + 1, remembered + 1 + len(seqs))):
-                records = await self._decode(conn, msg.records)
+            if msg.after <= remembered:
+                fresh = tuple(m for m in msg.records if not _had(m, remembered))
+                records = await self._decode(conn, fresh)
                 await self._apply(conn, msg.index_id, records, msg.sequence)
                 return
         await self.pull(conn)  # a gap: something was missed
@@ -247,16 +258,60 @@ class IndexSync:
                 continue
             newest = page[-1][0].sequence
             records = await self.export(page)
-            msg = Announce(
-                index_id=self.db.reader.index_id(), sequence=newest, records=tuple(records)
-            )
+            sources = [self._sources.of(row.sequence) for row, _ in page]
+            index_id = self.db.reader.index_id()
             for conn in self.peers.connected_peers():
+                theirs = tuple(
+                    m for m, src in zip(records, sources, strict=True) if src != conn.peer_id
+                )
+                msg = Announce(index_id=index_id, after=last, sequence=newest, records=theirs)
                 try:
                     await conn.send(msg)
                 except PeerUnavailable:
                     continue
                 self._announced = max(self._announced, newest)
+            self._sources.forget_through(newest)
             last = newest
+
+
+class _Sources:
+    """Sequence of an applied change -> the peer it came from unchanged, until announced:
+    every other peer gets the change, its source only the new position.
+
+    Filled inside the applying transaction (often in the writer thread), before its
+    commit, so the announcer never pages a change whose source is not noted yet; hence
+    the lock. Lost on restart, which costs only a redundant announce.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_sequence: OrderedDict[int, str] = OrderedDict()
+
+    def note(self, sequences: list[int], peer: str) -> None:
+        with self._lock:
+            for seq in sequences:
+                self._by_sequence[seq] = peer
+
+    def forget(self, sequences: list[int]) -> None:
+        with self._lock:
+            for seq in sequences:
+                self._by_sequence.pop(seq, None)
+
+    def of(self, sequence: int) -> str | None:
+        with self._lock:
+            return self._by_sequence.get(sequence)
+
+    def forget_through(self, sequence: int) -> None:
+        """Drop what is announced (and any older entry: a change made again later)."""
+        with self._lock:
+            while self._by_sequence and next(iter(self._by_sequence)) <= sequence:
+                self._by_sequence.popitem(last=False)
+
+
+def _had(m: dict[str, Any], remembered: int) -> bool:
+    """The record's sequence in the sender's index is one this node has applied."""
+    q = m.get("q")
+    return isinstance(q, int) and q <= remembered
 
 
 def _with_blocks(rec: Record, blocks: list[Block], count: object) -> Record:

@@ -458,10 +458,17 @@ class Index(Reply):
 
 @dataclass(frozen=True, kw_only=True)
 class Announce(Message):
-    """Push: records just committed or applied, at ``sequence`` of the sender's index."""
+    """Push: the changes of the sender's index after ``after`` up to ``sequence``.
+
+    ``records`` are those changes, less the ones the receiver made itself (it has
+    them already; DESIGN.md §6: an applied change is not announced back to its
+    source). A receiver that holds everything up to ``after`` is then up to date
+    to ``sequence``; one that does not pulls.
+    """
 
     TYPE: ClassVar[str] = "announce"
     index_id: int
+    after: int
     sequence: int
     records: tuple[dict[str, Any], ...] = ()
 
@@ -469,15 +476,20 @@ class Announce(Message):
         return {
             "t": self.TYPE,
             "index_id": self.index_id,
+            "after": self.after,
             "sequence": self.sequence,
             "records": list(self.records),
         }
 
     @classmethod
     def from_wire(cls, m: Mapping[str, Any]) -> Announce:
+        after, sequence = _int(m, "after"), _int(m, "sequence")
+        if after >= sequence:
+            raise ProtocolError("announce: 'after' must be below 'sequence'")
         return cls(
             index_id=_int(m, "index_id", _U64),
-            sequence=_int(m, "sequence"),
+            after=after,
+            sequence=sequence,
             records=_records(m, "records"),
         )
 
