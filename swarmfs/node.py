@@ -97,7 +97,7 @@ class Node:
             store=SqlitePeerStore(self.db),
             tls_dir=data_dir.path,
             bootstrap=[str(a) for a in config.bootstrap],
-            index_position=lambda: (self.db.reader.index_id(), self.db.reader.sequence()),
+            index_position=lambda: (self.db.reader.index_id(), self.db.sequence),
             settings=network,
         )
         self.sync = IndexSync(self.db, self.membership, self.chunks, self.fs.remote_applied)

@@ -474,6 +474,7 @@ class Txn(Queries):
         self.node_id = node_id
         self.push_new_chunks = push  # False with --replicas 1: nothing is ever pushed
         self.invalidations: list[tuple[bytes, bytes, int | None, bool]] = []
+        self.last_sequence: int | None = None  # the newest change numbered here
         self.received: list[int] = []
         """Sequences of records ``apply_remote`` stored exactly as the peer sent them
         (not merged, not a conflict copy): the peer has these, no need to announce back."""
@@ -481,6 +482,7 @@ class Txn(Queries):
     def next_sequence(self) -> int:
         seq = int(self.meta("sequence", 0)) + 1  # type: ignore[arg-type]
         self.conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('sequence', ?)", (seq,))
+        self.last_sequence = seq
         return seq
 
     def _set(self, rid: int, **cols: object) -> None:
@@ -1076,6 +1078,7 @@ class Database:
         self._limiter = trio.CapacityLimiter(1)
         self.reader = Queries(_connect(path))
         self._changed = trio.Event()
+        self._sequence = self.reader.sequence()
         self._init_root()
 
     def _init_root(self) -> None:
@@ -1112,7 +1115,15 @@ class Database:
             if self._writer.in_transaction:
                 self._writer.execute("ROLLBACK")
             raise
+        if txn.last_sequence is not None:
+            self._sequence = txn.last_sequence
         return result
+
+    @property
+    def sequence(self) -> int:
+        """The newest committed change's sequence, without a query (every write wakes
+        the announcer, which checks this)."""
+        return self._sequence
 
     async def write(self, fn: Callable[[Txn], T], *, small: bool = False) -> T:
         """Run ``fn`` in one transaction, in the writer thread unless ``small``.
@@ -1164,7 +1175,7 @@ class Database:
 
     async def wait_changed(self, seen_sequence: int) -> None:
         """Return once a change after ``seen_sequence`` is committed."""
-        while self.reader.sequence() <= seen_sequence:
+        while self._sequence <= seen_sequence:
             await self._changed.wait()
 
     def fsync_sync(self) -> None:

@@ -79,12 +79,12 @@ class IndexSync:
         self._apply_locks: dict[str, trio.Lock] = {}
         self._inbox: dict[str, trio.MemorySendChannel[Announce]] = {}
         self._pull_later: set[str] = set()
-        self._announced = db.reader.sequence()  # last change some peer has been sent
+        self._announced = db.sequence  # last change some peer has been sent
         self._sources = _Sources()
 
     def backlog(self) -> int:
         """Changes made or applied here that no peer has been sent yet."""
-        return max(0, self.db.reader.sequence() - self._announced)
+        return max(0, self.db.sequence - self._announced)
 
     # -- serving -------------------------------------------------------------------
     async def export(self, page: list[tuple[Row, Record]]) -> list[dict[str, Any]]:
@@ -247,14 +247,14 @@ class IndexSync:
     # -- announcing --------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Announce every change (local or applied) to every connected peer, in order."""
-        last = self.db.reader.sequence()
+        last = self.db.sequence
         task_status.started()
         while True:
             await self.db.wait_changed(last)
             await self.peers.wait_connected(1)  # while alone, changes wait (the backlog)
             page, _ = self._page(last)
             if not page:
-                last = self.db.reader.sequence()
+                last = self.db.sequence
                 continue
             newest = page[-1][0].sequence
             records = await self.export(page)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 
 import trio
 
-from swarmfs import CHUNK_SIZE
+from swarmfs import CHUNK_SIZE, SMALL_CHUNK
 from swarmfs.crypto.chunks import id_matches
 from swarmfs.errors import ChunkMissing, CorruptChunk
 from swarmfs.memory import MemoryBudget
@@ -80,22 +80,31 @@ class ChunkService:
 
     async def on_chunk_put(self, conn: PeerConnection, msg: Message) -> Message:
         assert isinstance(msg, ChunkPut)
-        if not await trio.to_thread.run_sync(id_matches, msg.chunk_id, msg.data):
-            log.warning("peer %s pushed chunk %s whose content does not match its id",
-                        conn, msg.chunk_id.hex()[:16])  # fmt: skip
+        chunk_id, data = msg.chunk_id, msg.data
+        try:  # in a thread even when small: creating a file can take a millisecond
+            refusal = await trio.to_thread.run_sync(self._check_and_store, chunk_id, data)
+        except OSError as exc:
+            log.warning("storing chunk %s from %s failed: %s", chunk_id.hex()[:16], conn, exc)
+            return Error(code=NO_SPACE, text=os.strerror(exc.errno or 0))
+        if refusal is not None:
+            if refusal.code == BAD_CHUNK:
+                log.warning("peer %s pushed chunk %s whose content does not match its id",
+                            conn, chunk_id.hex()[:16])  # fmt: skip
+            return refusal
+        await self.db.write(lambda t: t.add_chunk(chunk_id, len(data), pinned=True), small=True)
+        return Stored(chunk_id=chunk_id)
+
+    def _check_and_store(self, chunk_id: bytes, data: bytes) -> Error | None:
+        """Verify a pushed chunk and store it, in one call (one thread switch at most)."""
+        if not id_matches(chunk_id, data):
             return Error(code=BAD_CHUNK, text="content does not match the chunk id")
         # Only the disk refuses a replica: the cache (fetched and retired chunks) is what
         # GC evicts to make room, so comparing with its limit refused replicas for good
         # on a node that merely rewrote its own files.
-        if not await trio.to_thread.run_sync(self._disk_has_room, len(msg.data)):
+        if not self._disk_has_room(len(data)):
             return Error(code=NO_SPACE, text="no space for replicas")
-        try:
-            await trio.to_thread.run_sync(self.store.put, msg.chunk_id, msg.data)
-        except OSError as exc:
-            log.warning("storing chunk %s from %s failed: %s", msg.chunk_id.hex()[:16], conn, exc)
-            return Error(code=NO_SPACE, text=os.strerror(exc.errno or 0))
-        await self.db.write(lambda t: t.add_chunk(msg.chunk_id, len(msg.data), pinned=True))
-        return Stored(chunk_id=msg.chunk_id)
+        self.store.put(chunk_id, data)
+        return None
 
 
 class Replicator:
@@ -154,9 +163,9 @@ class Replicator:
                 continue
             limiter = trio.Semaphore(PUSH_WINDOW)
             async with trio.open_nursery() as nursery:
-                for chunk_id, _ in batch:
+                for chunk_id, size in batch:
                     await limiter.acquire()
-                    nursery.start_soon(self._push_one, chunk_id, peers, limiter)
+                    nursery.start_soon(self._push_one, chunk_id, size, peers, limiter)
 
     @staticmethod
     async def _wait_then_cancel(fn, arg, nursery: trio.Nursery) -> None:  # type: ignore[no-untyped-def]
@@ -168,32 +177,40 @@ class Replicator:
         return min(future) if future else 3600.0
 
     async def _push_one(
-        self, chunk_id: bytes, peers: dict[str, PeerConnection], limiter: trio.Semaphore
+        self,
+        chunk_id: bytes,
+        size: int,
+        peers: dict[str, PeerConnection],
+        limiter: trio.Semaphore,
     ) -> None:
         try:
             holders = self.db.reader.holders(chunk_id)
             want = self._wanted(list(peers))
             done = len(holders & peers.keys())
             if done >= want:  # queued again (by its commit) after it reached its peers
-                await self.db.write(lambda t: t.unqueue(chunk_id))
+                await self.db.write(lambda t: t.unqueue(chunk_id), small=True)
                 return
             async with self._pool.hold(CHUNK_SIZE):
-                await self._push_to_peers(chunk_id, peers, holders, want, done)
+                await self._push_to_peers(chunk_id, size, peers, holders, want, done)
         finally:
             limiter.release()
 
     async def _push_to_peers(
         self,
         chunk_id: bytes,
+        size: int,
         peers: dict[str, PeerConnection],
         holders: set[str],
         want: int,
         done: int,
     ) -> None:
         try:
-            data = await trio.to_thread.run_sync(self.store.get, chunk_id)
+            if size <= SMALL_CHUNK:  # small files: the thread switch costs more than the read
+                data = self.store.get(chunk_id)
+            else:
+                data = await trio.to_thread.run_sync(self.store.get, chunk_id)
         except ChunkMissing:  # superseded and deleted meanwhile
-            await self.db.write(lambda t: t.unqueue(chunk_id))
+            await self.db.write(lambda t: t.unqueue(chunk_id), small=True)
             return
         for node_id in rank(chunk_id, peers):
             if done >= want:
@@ -208,7 +225,9 @@ class Replicator:
             if isinstance(reply, Stored):
                 done += 1
                 finished = done >= want
-                await self.db.write(lambda t, n=node_id, f=finished: t.add_holder(chunk_id, n, f))
+                await self.db.write(
+                    lambda t, n=node_id, f=finished: t.add_holder(chunk_id, n, f), small=True
+                )
             elif isinstance(reply, Error):
                 log.info("peer %s refused chunk %s: %s", node_id[:12], chunk_id.hex()[:16],
                          reply.code)  # fmt: skip
