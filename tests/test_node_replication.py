@@ -25,6 +25,7 @@ from swarmfs.net.peer import ConnectionSettings, PeerConnection
 from swarmfs.net.wire import Announce, Message
 from swarmfs.node import Node
 from swarmfs.swarm.membership import MembershipSettings
+from swarmfs.swarm.replication import HEDGE_AFTER
 
 ME = Caller(uid=0, gid=0, umask=0o022)
 
@@ -211,6 +212,29 @@ async def test_a_change_is_not_announced_back_to_the_peer_it_came_from(tmp_path:
             assert b"from-b" in from_b, "the spy sees b's announces"
             echoed = sorted(set(from_b) & set(names))
             assert not echoed, f"b announced a's own changes back to a: {echoed}"
+
+
+async def test_a_peer_that_does_not_answer_does_not_hold_up_a_fetch(tmp_path: Path) -> None:
+    """In a partition not noticed yet, the peer asked first never answers; the fetch used
+    to wait for it for the whole fetch timeout (30 s) and fail. The next peer is now asked
+    after ``HEDGE_AFTER`` seconds without an answer."""
+    data = os.urandom(CHUNK_SIZE + 5)
+    async with running_nodes(tmp_path, 3, replicas=1) as (a, b, c):
+        with trio.fail_after(30):
+            await eventually(lambda: len(b.membership.connected_peers()) == 2, "b's peers")
+            await write_file(a, b"only-on-a", data)
+            await eventually(lambda: has(b, b"only-on-a", len(data)), "the record on b")
+
+            async def unanswered(conn: PeerConnection, msg: Message) -> Message:
+                await trio.sleep_forever()
+                raise AssertionError("unreachable")
+
+            c.membership.register_handler("chunk_get", unanswered)
+            to_a = b.membership.connection(a.membership.node_id)
+            assert to_a is not None
+            to_a.rtt_ms = 1e6  # b asks c, the nearest, first
+        with trio.fail_after(3 * HEDGE_AFTER):
+            assert await read_file(b, b"only-on-a") == data
 
 
 async def test_concurrent_edits_keep_both_versions(tmp_path: Path) -> None:

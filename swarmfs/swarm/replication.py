@@ -20,6 +20,7 @@ Runs on the trio loop; hashing and disk I/O go to worker threads.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterable
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 PUSH_WINDOW = 8
 FETCH_TIMEOUT = 30.0  # longest wait for any peer to be reachable
+HEDGE_AFTER = 2.0  # seconds a peer may take to answer a fetch before the next is asked too
 MISSING_MEMORY = 5.0  # seconds a chunk no peer had is not asked for again
 FETCH_PARALLEL = 32  # fetches in flight node-wide, so metadata requests always find a worker
 NO_SPACE = "no_space"
@@ -259,31 +261,47 @@ class Fetcher:
         await self.db.write(lambda t: t.add_chunk(chunk_id, size, pinned=False))
 
     async def _fetch(self, chunk_id: bytes, accept: Callable[[bytes], bytes]) -> bytes:
-        """Ask every connected peer (holders first), waiting (bounded) for known peers that
-        are not connected yet. A chunk every known peer lacks fails at once, and is
-        remembered briefly so the kernel's retries of the same read do not wait again."""
+        """Ask the connected peers, holders first, then by round-trip time; the first good
+        copy wins. A peer that has not answered within ``HEDGE_AFTER`` gets company: the
+        next one is asked too (a peer cut off by a partition nobody has noticed yet held
+        a whole fetch for its request timeout). Known peers that are not connected are
+        redialled and waited for (bounded). A chunk every known peer lacks fails at once,
+        and is remembered briefly so the kernel's retries of the read do not wait again."""
         now = trio.current_time()
         if self._missing.get(chunk_id, -1.0) > now:
             raise ChunkMissing(f"chunk {chunk_id.hex()[:16]} is on no reachable peer")
         asked: list[str] = []
+        answered: set[str] = set()
+        found: list[bytes] = []
+        send, receive = trio.open_memory_channel[tuple[str, bytes | None]](math.inf)
+        next_now = True  # ask the next candidate without waiting for the ones asked
         with trio.move_on_after(self.timeout):
-            while True:
-                holders = self.db.reader.holders(chunk_id)
-                candidates = [c for c in self.peers.connected_peers() if c.peer_id not in asked]
-                candidates.sort(key=lambda c: (c.peer_id not in holders, c.rtt_ms or 1e9))
-                for conn in candidates:
-                    asked.append(conn.peer_id)
-                    data = await self._ask(conn, chunk_id, accept)
+            async with trio.open_nursery() as asks:
+                while not found:
+                    candidates = self._candidates(chunk_id, asked)
+                    running = len(asked) - len(answered)
+                    if candidates and (next_now or not running):
+                        self._start_ask(asks, candidates[0], chunk_id, accept, send, asked)
+                        next_now = False
+                        continue
+                    if not candidates and not running:
+                        known = {p.id for p in self.peers.peers()}
+                        if asked and known <= answered:
+                            break  # every peer this node knows answered: it is nowhere
+                        self.peers.redial(known - set(asked))  # not at its backoff time: now
+                    reply = await self._next_answer(receive, asked, hedge=bool(candidates))
+                    if reply is None:  # slow answers, or a peer connected: ask the next too
+                        next_now = True
+                        continue
+                    peer, data = reply
+                    answered.add(peer)
                     if data is not None:
-                        return data
-                known = {p.id for p in self.peers.peers()}
-                if asked and known <= set(asked):
-                    break  # every peer this node knows answered: it is nowhere
-                self.peers.redial(known - set(asked))  # not at its backoff time: now
-                await self.peers.wait_for(  # an unasked peer may yet connect (bounded)
-                    lambda: any(c.peer_id not in asked for c in self.peers.connected_peers())
-                )
-        if not asked or not {p.id for p in self.peers.peers()} <= set(asked):
+                        found.append(data)
+                        asks.cancel_scope.cancel()  # the others' answers are not needed
+        if found:
+            return found[0]
+        known = {p.id for p in self.peers.peers()}
+        if not asked or not known <= answered:
             names = ", ".join(a[:12] for a in asked) or "none connected"
             log.error("chunk %s: no reachable peer has it (asked: %s)", chunk_id.hex()[:16], names)
             raise ChunkMissing(f"chunk {chunk_id.hex()[:16]}: no reachable peer has it ({names})")
@@ -294,6 +312,56 @@ class Fetcher:
         names = ", ".join(a[:12] for a in asked) or "none connected"
         log.error("chunk %s: no peer could provide it (asked: %s)", chunk_id.hex()[:16], names)
         raise ChunkMissing(f"chunk {chunk_id.hex()[:16]} is on no reachable peer (asked: {names})")
+
+    def _candidates(self, chunk_id: bytes, asked: list[str]) -> list[PeerConnection]:
+        """Connected peers not asked yet: recorded holders first, then the nearest."""
+        holders = self.db.reader.holders(chunk_id)
+        candidates = [c for c in self.peers.connected_peers() if c.peer_id not in asked]
+        candidates.sort(key=lambda c: (c.peer_id not in holders, c.rtt_ms or 1e9))
+        return candidates
+
+    def _start_ask(
+        self,
+        asks: trio.Nursery,
+        conn: PeerConnection,
+        chunk_id: bytes,
+        accept: Callable[[bytes], bytes],
+        answers: trio.MemorySendChannel[tuple[str, bytes | None]],
+        asked: list[str],
+    ) -> None:
+        asked.append(conn.peer_id)
+
+        async def ask() -> None:
+            answers.send_nowait((conn.peer_id, await self._ask(conn, chunk_id, accept)))
+
+        asks.start_soon(ask)
+
+    async def _next_answer(
+        self,
+        answers: trio.MemoryReceiveChannel[tuple[str, bytes | None]],
+        asked: list[str],
+        hedge: bool,
+    ) -> tuple[str, bytes | None] | None:
+        """The next peer's answer; None after ``HEDGE_AFTER`` (``hedge``: another peer is
+        there to ask) or, with nobody left to ask, once an unasked peer connects."""
+        box: list[tuple[str, bytes | None]] = []
+        with trio.move_on_after(HEDGE_AFTER if hedge else math.inf):
+            async with trio.open_nursery() as race:
+
+                async def answer() -> None:
+                    box.append(await answers.receive())
+                    race.cancel_scope.cancel()
+
+                async def newcomer() -> None:
+                    await self.peers.wait_for(
+                        lambda: any(c.peer_id not in asked for c in self.peers.connected_peers())
+                    )
+                    race.cancel_scope.cancel()
+
+                race.start_soon(answer)
+                if not hedge:
+                    race.start_soon(newcomer)
+        return box[0] if box else None
 
     async def _ask(
         self, conn: PeerConnection, chunk_id: bytes, accept: Callable[[bytes], bytes]
