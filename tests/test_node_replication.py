@@ -122,6 +122,15 @@ async def read_file(node: Node, name: bytes) -> bytes:
         await node.fs.release(fh)
 
 
+async def write_then_open(writer: Node, reader: Node, name: bytes, data: bytes) -> int:
+    """Write ``name`` on ``writer``; once ``reader`` has its record, open it there."""
+    await eventually(lambda: reader.membership.connected_peers(), "a connection")
+    await write_file(writer, name, data)
+    await eventually(lambda: has(reader, name, len(data)), f"{name!r} on the reader")
+    attr = await reader.fs.lookup(ROOT_INO, name)
+    return await reader.fs.open(attr.ino, os.O_RDONLY)
+
+
 def has(node: Node, name: bytes, size: int | None = None) -> bool:
     """The node knows a live ``name`` (of ``size`` bytes: the committed version arrived)."""
     row = node.db.reader.by_path(name)
@@ -171,11 +180,7 @@ async def test_a_sequential_reader_queues_each_chunk_for_read_ahead_once(tmp_pat
     data = os.urandom(24 * CHUNK_SIZE)
     with trio.fail_after(60):
         async with running_nodes(tmp_path, 2, replicas=1) as (a, b):
-            await eventually(lambda: b.membership.connected_peers(), "a connection")
-            await write_file(a, b"big", data)
-            await eventually(lambda: has(b, b"big", len(data)), "the record on b")
-            attr = await b.fs.lookup(ROOT_INO, b"big")
-            fh = await b.fs.open(attr.ino, os.O_RDONLY)
+            fh = await write_then_open(a, b, b"big", data)
             slots = b.fs.chunks._prefetch_slots
             queued = []
             try:
@@ -373,11 +378,7 @@ async def test_a_reader_of_the_replaced_version_still_gets_its_chunks(tmp_path: 
     old, new = os.urandom(3 * CHUNK_SIZE), os.urandom(3 * CHUNK_SIZE)
     with trio.fail_after(60):
         async with running_nodes(tmp_path, 2, replicas=1) as (a, b):
-            await eventually(lambda: b.membership.connected_peers(), "a connection")
-            await write_file(a, b"doc", old)
-            await eventually(lambda: has(b, b"doc", len(old)), "the first version on b")
-            attr = await b.fs.lookup(ROOT_INO, b"doc")
-            fh = await b.fs.open(attr.ino, os.O_RDONLY)
+            fh = await write_then_open(a, b, b"doc", old)
             try:
                 version_seen = a.db.reader.by_path(b"doc").version  # type: ignore[union-attr]
                 await write_file(a, b"doc", new)
