@@ -378,3 +378,21 @@ async def test_a_checkpoint_behind_a_closed_database_does_nothing(
         while db._checkpointing:  # the task ends once its worker thread has
             await trio.sleep(0.01)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_transaction_that_does_not_commit_runs_its_undo_hooks(db: Database) -> None:
+    """Index sync notes which peer sent each applied change inside the transaction, before
+    its commit; if it rolls back, the freed sequence numbers go to other changes, which
+    must not be taken for that peer's (it would never be sent them)."""
+    before = db.sequence
+    undone: list[int] = []
+
+    def fails(t: Txn) -> None:
+        seq = t.next_sequence()
+        t.on_rollback.append(lambda: undone.append(seq))
+        raise RuntimeError("apply failed")
+
+    with pytest.raises(RuntimeError):
+        db.write_sync(fails)
+    assert undone == [before + 1], "the undo hook ran"
+    assert db.sequence == before == db.reader.sequence(), "the sequence number is free again"

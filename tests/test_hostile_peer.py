@@ -38,7 +38,7 @@ from swarm_harness import SYNC_TIMEOUT, eventually
 
 from swarmfs.crypto.certs import client_context
 from swarmfs.crypto.keys import NodeIdentity, new_swarm_key, read_swarm_key
-from swarmfs.net.wire import FrameDecoder
+from swarmfs.net.wire import PROTOCOL_VERSION, FrameDecoder
 
 pytestmark = pytest.mark.mounted
 
@@ -94,7 +94,7 @@ class Client:
         return await self.send_raw(frame(pack(obj)))
 
     async def hello(self) -> dict[str, Any]:
-        await self.send({"t": "hello", "version": 1, "listen": None, "peers": [],
+        await self.send({"t": "hello", "version": PROTOCOL_VERSION, "listen": None, "peers": [],
                          "index_id": self.index_id, "sequence": 0})  # fmt: skip
         with trio.fail_after(15):
             msg = await _next_raw(self)
@@ -420,7 +420,7 @@ async def _deliver(client: Client, how: str, recs: list[dict[str, Any]]) -> None
         assert await client.alive()  # a push is handled before the next request
         return
     # index: re-hello with the new index id so the node pulls it, and serve the page
-    await client.send({"t": "hello", "version": 1, "listen": None, "peers": [],
+    await client.send({"t": "hello", "version": PROTOCOL_VERSION, "listen": None, "peers": [],
                        "index_id": client.index_id, "sequence": len(recs)})  # fmt: skip
     # an announce that leaves a gap: the node pulls
     gap = len(recs) + 5
@@ -568,7 +568,7 @@ async def test_announce_while_the_node_pulls_from_us_does_not_stall_it(target: T
     index_id = secrets.randbits(62)
     by = "a" * 26
     name = f"race-{target.token}".encode()
-    await client.send({"t": "hello", "version": 1, "listen": None, "peers": [],
+    await client.send({"t": "hello", "version": PROTOCOL_VERSION, "listen": None, "peers": [],
                        "index_id": index_id, "sequence": 1})  # fmt: skip
     with trio.fail_after(15):
         while (msg := await _next_raw(client))["t"] != "index_since":

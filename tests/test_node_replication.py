@@ -242,6 +242,32 @@ async def test_a_peer_that_does_not_answer_does_not_hold_up_a_fetch(tmp_path: Pa
             assert await read_file(b, b"only-on-a") == data
 
 
+async def test_a_holder_whose_connection_dropped_mid_fetch_is_asked_again(
+    tmp_path: Path,
+) -> None:
+    """A request that failed with the connection used to count as "it lacks the chunk":
+    with the other peer answering "missing", the read failed at once (and for 5 s more)
+    although the holder was back a second later."""
+    data = os.urandom(CHUNK_SIZE // 2)
+    async with running_nodes(tmp_path, 3, replicas=1) as (_, b, c):
+        with trio.fail_after(30):
+            await eventually(lambda: len(b.membership.connected_peers()) == 2, "b's peers")
+            await write_file(c, b"only-on-c", data)
+            await eventually(lambda: has(b, b"only-on-c", len(data)), "the record on b")
+            dropped: list[str] = []
+            serve = c.chunk_service.on_chunk_get
+
+            async def drop_first(conn: PeerConnection, msg: Message) -> Message:
+                if not dropped:
+                    dropped.append(conn.peer_id)
+                    await conn.aclose()  # the link fails under the request
+                return await serve(conn, msg)
+
+            c.membership.register_handler("chunk_get", drop_first)
+            assert await read_file(b, b"only-on-c") == data
+            assert dropped == [b.membership.node_id], "b asked c, and lost the connection"
+
+
 async def test_concurrent_edits_keep_both_versions(tmp_path: Path) -> None:
     """Syncthing's two-process conflict test: each side edits while the other is down."""
     with trio.fail_after(60):

@@ -475,6 +475,8 @@ class Txn(Queries):
         self.push_new_chunks = push  # False with --replicas 1: nothing is ever pushed
         self.invalidations: list[tuple[bytes, bytes, int | None, bool]] = []
         self.last_sequence: int | None = None  # the newest change numbered here
+        self.on_rollback: list[Callable[[], None]] = []
+        """Undo what the transaction told others about, should it not commit."""
         self.received: list[int] = []
         """Sequences of records ``apply_remote`` stored exactly as the peer sent them
         (not merged, not a conflict copy): the peer has these, no need to announce back."""
@@ -1114,6 +1116,8 @@ class Database:
         except BaseException:
             if self._writer.in_transaction:
                 self._writer.execute("ROLLBACK")
+            for undo in txn.on_rollback:  # still under the lock: before any other commit
+                undo()
             raise
         if txn.last_sequence is not None:
             self._sequence = txn.last_sequence

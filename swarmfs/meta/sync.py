@@ -150,21 +150,17 @@ class IndexSync:
     ) -> None:
         peer = conn.peer_id
 
-        noted: list[int] = []
-
         def txn(t: Any) -> Invalidations:
             for rec in records:
                 t.apply_remote(rec)
             t.set_peer_sequence(peer, index_id, sequence)
-            noted.extend(t.received)
+            noted = list(t.received)
             self._sources.note(noted, peer)  # before the commit the announcer sees
+            # a rollback frees these sequences for other changes: forget them at once
+            t.on_rollback.append(lambda: self._sources.forget(noted))
             return t.invalidations
 
-        try:
-            invalidations = await self.db.write(txn, small=not records)
-        except BaseException:
-            self._sources.forget(noted)  # rolled back: these sequences will be reused
-            raise
+        invalidations = await self.db.write(txn, small=not records)
         if invalidations:
             await self._applied(invalidations)
 

@@ -161,6 +161,11 @@ class PeerConnection:
         return f"{self.peer_id[:12]} ({self.address})"
 
     @property
+    def silent_for(self) -> float:
+        """Seconds since the last bytes arrived from this peer."""
+        return trio.current_time() - self._last_received
+
+    @property
     def closed(self) -> bool:
         return self.close_reason is not None
 

@@ -35,7 +35,7 @@ import msgpack
 from swarmfs import CHUNK_SIZE
 from swarmfs.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: announce carries "after"
 HEADER_SIZE = 4
 MAX_FRAME = CHUNK_SIZE + 64 * 1024
 """Largest frame body accepted or sent: one chunk plus room for its envelope."""

@@ -24,6 +24,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import trio
 
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 
 PUSH_WINDOW = 8
 FETCH_TIMEOUT = 30.0  # longest wait for any peer to be reachable
-HEDGE_AFTER = 2.0  # seconds a peer may take to answer a fetch before the next is asked too
+HEDGE_AFTER = 2.0  # seconds of silence from the peers asked before the next is asked too
 MISSING_MEMORY = 5.0  # seconds a chunk no peer had is not asked for again
 FETCH_PARALLEL = 32  # fetches in flight node-wide, so metadata requests always find a worker
 NO_SPACE = "no_space"
@@ -242,6 +243,16 @@ class Replicator:
             self._retry_at.pop(chunk_id, None)
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """How one peer's ask for a chunk ended: ``data`` verified, or ``reached`` (it said it
+    lacks the chunk, or served a bad copy) or not (the request failed)."""
+
+    peer: str
+    reached: bool
+    data: bytes | None = None
+
+
 class Fetcher:
     """``fs.content.ChunkSource``: fetch a chunk this node lacks from its peers."""
 
@@ -262,117 +273,119 @@ class Fetcher:
 
     async def _fetch(self, chunk_id: bytes, accept: Callable[[bytes], bytes]) -> bytes:
         """Ask the connected peers, holders first, then by round-trip time; the first good
-        copy wins. A peer that has not answered within ``HEDGE_AFTER`` gets company: the
-        next one is asked too (a peer cut off by a partition nobody has noticed yet held
-        a whole fetch for its request timeout). Known peers that are not connected are
-        redialled and waited for (bounded). A chunk every known peer lacks fails at once,
-        and is remembered briefly so the kernel's retries of the read do not wait again."""
+        copy wins. When every peer asked has sent nothing at all for ``HEDGE_AFTER``, the
+        next one is asked too: a peer cut off by a partition nobody has noticed yet held
+        a whole fetch for its request timeout. (A busy link still delivers bytes, so it
+        does not make every chunk travel twice.) Known peers that are not connected are
+        redialled and waited for (bounded). A chunk every known peer says it lacks fails
+        at once, and is remembered briefly so the kernel's retries do not wait again."""
         now = trio.current_time()
         if self._missing.get(chunk_id, -1.0) > now:
             raise ChunkMissing(f"chunk {chunk_id.hex()[:16]} is on no reachable peer")
-        asked: list[str] = []
-        answered: set[str] = set()
+        asked: set[str] = set()  # asked on their current connection
+        answered: set[str] = set()  # said they lack it, or served a bad copy
+        running: dict[str, PeerConnection] = {}
         found: list[bytes] = []
-        send, receive = trio.open_memory_channel[tuple[str, bytes | None]](math.inf)
-        next_now = True  # ask the next candidate without waiting for the ones asked
+        send, receive = trio.open_memory_channel[_Answer](math.inf)
+        hedge = True  # ask the next candidate without waiting for the ones running
         with trio.move_on_after(self.timeout):
             async with trio.open_nursery() as asks:
                 while not found:
                     candidates = self._candidates(chunk_id, asked)
-                    running = len(asked) - len(answered)
-                    if candidates and (next_now or not running):
-                        self._start_ask(asks, candidates[0], chunk_id, accept, send, asked)
-                        next_now = False
+                    if candidates and (hedge or not running):
+                        conn = candidates[0]
+                        asked.add(conn.peer_id)
+                        running[conn.peer_id] = conn
+                        asks.start_soon(self._ask_into, conn, chunk_id, accept, send)
+                        hedge = False
                         continue
-                    if not candidates and not running:
+                    if not candidates:
                         known = {p.id for p in self.peers.peers()}
-                        if asked and known <= answered:
-                            break  # every peer this node knows answered: it is nowhere
-                        self.peers.redial(known - set(asked))  # not at its backoff time: now
-                    reply = await self._next_answer(receive, asked, hedge=bool(candidates))
-                    if reply is None:  # slow answers, or a peer connected: ask the next too
-                        next_now = True
+                        if not running and answered and known <= answered:
+                            break  # every peer this node knows lacks it: it is nowhere
+                        self.peers.redial(known - asked)  # not at its backoff time: now
+                    answer = await self._next_answer(receive, asked, newcomer=not candidates)
+                    if answer is None:  # nothing for a while, or a peer connected
+                        hedge = all(c.silent_for >= HEDGE_AFTER for c in running.values())
                         continue
-                    peer, data = reply
-                    answered.add(peer)
-                    if data is not None:
-                        found.append(data)
+                    conn = running.pop(answer.peer)
+                    if answer.data is not None:
+                        found.append(answer.data)
                         asks.cancel_scope.cancel()  # the others' answers are not needed
+                    elif answer.reached:
+                        answered.add(answer.peer)
+                    elif conn.closed:
+                        asked.discard(answer.peer)  # ask it again once it is back
         if found:
             return found[0]
         known = {p.id for p in self.peers.peers()}
-        if not asked or not known <= answered:
-            names = ", ".join(a[:12] for a in asked) or "none connected"
+        names = ", ".join(a[:12] for a in sorted(asked | answered)) or "none connected"
+        if not answered or not known <= answered:
             log.error("chunk %s: no reachable peer has it (asked: %s)", chunk_id.hex()[:16], names)
             raise ChunkMissing(f"chunk {chunk_id.hex()[:16]}: no reachable peer has it ({names})")
         now = trio.current_time()
         if len(self._missing) > 4096:
             self._missing = {c: t for c, t in self._missing.items() if t > now}
         self._missing[chunk_id] = now + MISSING_MEMORY
-        names = ", ".join(a[:12] for a in asked) or "none connected"
         log.error("chunk %s: no peer could provide it (asked: %s)", chunk_id.hex()[:16], names)
         raise ChunkMissing(f"chunk {chunk_id.hex()[:16]} is on no reachable peer (asked: {names})")
 
-    def _candidates(self, chunk_id: bytes, asked: list[str]) -> list[PeerConnection]:
+    def _candidates(self, chunk_id: bytes, asked: set[str]) -> list[PeerConnection]:
         """Connected peers not asked yet: recorded holders first, then the nearest."""
         holders = self.db.reader.holders(chunk_id)
         candidates = [c for c in self.peers.connected_peers() if c.peer_id not in asked]
         candidates.sort(key=lambda c: (c.peer_id not in holders, c.rtt_ms or 1e9))
         return candidates
 
-    def _start_ask(
+    async def _ask_into(
         self,
-        asks: trio.Nursery,
         conn: PeerConnection,
         chunk_id: bytes,
         accept: Callable[[bytes], bytes],
-        answers: trio.MemorySendChannel[tuple[str, bytes | None]],
-        asked: list[str],
+        answers: trio.MemorySendChannel[_Answer],
     ) -> None:
-        asked.append(conn.peer_id)
-
-        async def ask() -> None:
-            answers.send_nowait((conn.peer_id, await self._ask(conn, chunk_id, accept)))
-
-        asks.start_soon(ask)
+        try:
+            answer = await self._ask(conn, chunk_id, accept)
+        except Exception:  # a bug of ours: this peer counts as not reached, the fetch goes on
+            log.exception("fetch of %s from %s failed", chunk_id.hex()[:16], conn)
+            answer = _Answer(conn.peer_id, reached=False)
+        answers.send_nowait(answer)
 
     async def _next_answer(
-        self,
-        answers: trio.MemoryReceiveChannel[tuple[str, bytes | None]],
-        asked: list[str],
-        hedge: bool,
-    ) -> tuple[str, bytes | None] | None:
-        """The next peer's answer; None after ``HEDGE_AFTER`` (``hedge``: another peer is
-        there to ask) or, with nobody left to ask, once an unasked peer connects."""
-        box: list[tuple[str, bytes | None]] = []
-        with trio.move_on_after(HEDGE_AFTER if hedge else math.inf):
+        self, answers: trio.MemoryReceiveChannel[_Answer], asked: set[str], newcomer: bool
+    ) -> _Answer | None:
+        """The next peer's answer; None after ``HEDGE_AFTER`` without one or (``newcomer``:
+        nobody is left to ask) once an unasked peer connects."""
+        box: list[_Answer] = []
+        with trio.move_on_after(HEDGE_AFTER):
             async with trio.open_nursery() as race:
 
                 async def answer() -> None:
                     box.append(await answers.receive())
                     race.cancel_scope.cancel()
 
-                async def newcomer() -> None:
+                async def connected() -> None:
                     await self.peers.wait_for(
                         lambda: any(c.peer_id not in asked for c in self.peers.connected_peers())
                     )
                     race.cancel_scope.cancel()
 
                 race.start_soon(answer)
-                if not hedge:
-                    race.start_soon(newcomer)
+                if newcomer:
+                    race.start_soon(connected)
         return box[0] if box else None
 
     async def _ask(
         self, conn: PeerConnection, chunk_id: bytes, accept: Callable[[bytes], bytes]
-    ) -> bytes | None:
+    ) -> _Answer:
+        peer = conn.peer_id
         try:
             reply = await conn.request(ChunkGet(chunk_id=chunk_id))
         except PeerUnavailable as exc:
             log.info("fetch of %s from %s failed: %s", chunk_id.hex()[:16], conn, exc)
-            return None
+            return _Answer(peer, reached=False)
         if not isinstance(reply, Chunk):
-            return None
+            return _Answer(peer, reached=True)
         ciphertext = reply.data
         del reply  # the ciphertext goes on to the reader alone
 
@@ -384,8 +397,8 @@ class Fetcher:
         except CorruptChunk as exc:
             log.warning("peer %s served chunk %s that does not open (%s); skipped",
                         conn, chunk_id.hex()[:16], exc)  # fmt: skip
-            return None
+            return _Answer(peer, reached=True)
         if result is None:
             log.warning("peer %s served chunk %s with wrong content; skipped",
                         conn, chunk_id.hex()[:16])  # fmt: skip
-        return result
+        return _Answer(peer, reached=True, data=result)
