@@ -16,17 +16,17 @@ from pathlib import Path
 _handed_out: set[int] = set()
 
 
-def _ephemeral_range() -> tuple[int, int]:
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range."""
     try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_port() -> int:
     """A loopback TCP port nobody listens on, outside the ephemeral range, not given before."""
-    low, _high = _ephemeral_range()
+    low = _ephemeral_low()
     candidates = range(max(1024, low - 12000), low)
     for _ in range(1000):
         port = random.choice(candidates)

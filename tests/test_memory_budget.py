@@ -265,7 +265,9 @@ async def test_a_frame_trickled_below_the_minimum_rate_is_cut_and_frees_its_byte
 
             async def trickle() -> None:
                 for i in range(4096, len(put)):
-                    await trio.sleep(1)  # the input: one byte a (virtual) second, never silent
+                    # the attacker's pace, not a wait for a condition: one byte per second of
+                    # the autojump clock, so the connection is never silent for dead_after
+                    await trio.sleep(1)
                     try:
                         await slow_far.send_all(put[i : i + 1])
                     except trio.BrokenResourceError:

@@ -822,13 +822,15 @@ class Txn(Queries):
         even be handing it out right now from a lookup racing this transaction;
         ``Filesystem.sweep_detached`` frees the ones it does not hold.
         """
-        before = int(self.meta("sequence", 0))  # type: ignore[arg-type]
+        before = self.last_sequence
         # chunks of a replaced version retire only now: a conflict copy may use them
         self.retire(self._merge(rec))
+        if self.last_sequence == before:
+            return  # nothing was stored: the peer's version was not news here
         now = self.by_path(rec.path)
         if (
             now is not None
-            and now.sequence > before
+            and now.sequence > (before or 0)
             and now.version == rec.version
             and now.modified_by == rec.modified_by
         ):

@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import trio
@@ -159,21 +159,13 @@ class Replicator:
             ]  # fmt: skip
             if not batch:
                 with trio.move_on_after(self._next_retry(now)):
-                    async with trio.open_nursery() as waits:
-                        wake = self._wait_then_cancel
-                        waits.start_soon(wake, self.db.wait_write, None, waits)
-                        waits.start_soon(wake, self._peer_change.wait, None, waits)
+                    await _first_of(self.db.wait_write, self._peer_change.wait)
                 continue
             limiter = trio.Semaphore(PUSH_WINDOW)
             async with trio.open_nursery() as nursery:
                 for chunk_id, size in batch:
                     await limiter.acquire()
                     nursery.start_soon(self._push_one, chunk_id, size, peers, limiter)
-
-    @staticmethod
-    async def _wait_then_cancel(fn, arg, nursery: trio.Nursery) -> None:  # type: ignore[no-untyped-def]
-        await (fn(arg) if arg is not None else fn())
-        nursery.cancel_scope.cancel()
 
     def _next_retry(self, now: float) -> float:
         future = [t - now for t in self._retry_at.values() if t > now]
@@ -269,7 +261,7 @@ class Fetcher:
 
     async def stored(self, chunk_id: bytes, size: int) -> None:
         """The reader wrote the fetched chunk's cache file: record it (unpinned, evictable)."""
-        await self.db.write(lambda t: t.add_chunk(chunk_id, size, pinned=False))
+        await self.db.write(lambda t: t.add_chunk(chunk_id, size, pinned=False), small=True)
 
     async def _fetch(self, chunk_id: bytes, accept: Callable[[bytes], bytes]) -> bytes:
         """Ask the connected peers, holders first, then by round-trip time; the first good
@@ -357,22 +349,17 @@ class Fetcher:
         """The next peer's answer; None after ``HEDGE_AFTER`` without one or (``newcomer``:
         nobody is left to ask) once an unasked peer connects."""
         box: list[_Answer] = []
+
+        async def answer() -> None:
+            box.append(await answers.receive())
+
+        async def connected() -> None:
+            await self.peers.wait_for(
+                lambda: any(c.peer_id not in asked for c in self.peers.connected_peers())
+            )
+
         with trio.move_on_after(HEDGE_AFTER):
-            async with trio.open_nursery() as race:
-
-                async def answer() -> None:
-                    box.append(await answers.receive())
-                    race.cancel_scope.cancel()
-
-                async def connected() -> None:
-                    await self.peers.wait_for(
-                        lambda: any(c.peer_id not in asked for c in self.peers.connected_peers())
-                    )
-                    race.cancel_scope.cancel()
-
-                race.start_soon(answer)
-                if newcomer:
-                    race.start_soon(connected)
+            await _first_of(answer, *([connected] if newcomer else []))
         return box[0] if box else None
 
     async def _ask(
@@ -402,3 +389,16 @@ class Fetcher:
             log.warning("peer %s served chunk %s with wrong content; skipped",
                         conn, chunk_id.hex()[:16])  # fmt: skip
         return _Answer(peer, reached=True, data=result)
+
+
+async def _first_of(*waits: Callable[[], Awaitable[object]]) -> None:
+    """Wait for all of ``waits`` at once; return when the first returns (the rest are
+    cancelled)."""
+    async with trio.open_nursery() as nursery:
+
+        async def until(wait: Callable[[], Awaitable[object]]) -> None:
+            await wait()
+            nursery.cancel_scope.cancel()
+
+        for wait in waits:
+            nursery.start_soon(until, wait)
