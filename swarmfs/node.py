@@ -123,7 +123,7 @@ class Node:
         self.handle_signals = True
 
     async def _queue_push(self, chunk_id: bytes, size: int) -> None:
-        await self.db.write(lambda t: t.queue_push(chunk_id, size))
+        await self.db.write(lambda t: t.queue_push(chunk_id, size), small=True)
 
     async def _peer_connected(self, conn: PeerConnection) -> None:
         self.replicator.peer_changed()

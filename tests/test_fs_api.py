@@ -9,6 +9,7 @@ A warning or error logged by swarmfs fails the test unless declared.
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import random
@@ -776,3 +777,39 @@ async def test_a_detached_inode_the_kernel_was_handed_meanwhile_is_not_freed(h: 
     assert h.db.reader.by_ino(ino) is not None
     await h.fs.forget([(ino, 1)])
     assert h.db.reader.by_ino(ino) is None, "freed once the kernel forgets it"
+
+
+async def test_a_stored_chunk_s_plaintext_is_let_go_while_its_push_is_queued(h: Harness) -> None:
+    """A background seal kept the 1 MiB plaintext while it waited to queue the push;
+    with the metadata writer busy (a checkpoint during a 4 GiB ``dd``), 67 such waits
+    held 67 MiB beyond the memory budget and node A's peak RSS reached 196 MiB."""
+    pieces = [rand(MiB, seed) for seed in range(6)]
+    queue_open, all_waiting = trio.Event(), trio.Event()
+    waiting = 0
+
+    async def queue_push_slowly(chunk_id: bytes, size: int) -> None:
+        nonlocal waiting
+        waiting += 1
+        if waiting == len(pieces):
+            all_waiting.set()
+        await queue_open.wait()
+
+    async with trio.open_nursery() as nursery:
+        h.fs.nursery = nursery
+        h.fs.on_chunk_stored = queue_push_slowly
+        fh, _ = await h.create(b"big")
+        for i in range(len(pieces)):  # no loop variable left holding a piece
+            assert await h.fs.write(fh, i * MiB, pieces[i]) == MiB
+        with trio.fail_after(10):
+            await all_waiting.wait()
+        held = [
+            getattr(referrer, "__qualname__", type(referrer).__name__)
+            for piece in pieces
+            for referrer in gc.get_referrers(piece)
+            if referrer is not pieces
+        ]
+        assert held == [], "plaintext still referenced while pushes wait to be queued"
+        queue_open.set()
+    await h.fs.flush(fh)
+    await h.fs.release(fh)
+    assert await h.cat(await h.ino(b"big")) == b"".join(pieces)

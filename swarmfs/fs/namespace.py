@@ -597,6 +597,7 @@ class Filesystem:
         finally:
             self._seal_slots.release()
             staging.seal_finished(index, data, result, error)
+            del data  # stored: not held while the push waits for the metadata writer
         if result is not None and self.on_chunk_stored is not None:
             try:
                 await self.on_chunk_stored(result[0].chunk_id, result[1])  # type: ignore[arg-type]
