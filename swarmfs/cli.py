@@ -310,10 +310,10 @@ def _run_node(
 ) -> None:
     # Imported here: the node pulls in pyfuse3 and every layer, which the
     # short commands (init, status, umount) do not need to load.
-    from swarmfs.memory import limit_malloc_arenas
+    from swarmfs.memory import tune_malloc
     from swarmfs.node import run_node
 
-    limit_malloc_arenas()
+    tune_malloc()
 
     async def serve() -> None:
         async with trio.open_nursery() as nursery:

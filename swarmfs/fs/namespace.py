@@ -549,8 +549,8 @@ class Filesystem:
         if offset + len(data) > MAX_FILE_SIZE:
             raise FsError(errno.EFBIG)
         async with self._lock(ino):
-            row = self._row(ino)
-            staging = self._staging_for(ino, row)
+            # an open handle keeps its inode: the query is needed only to start staging
+            staging = self._staging.get(ino) or self._staging_for(ino, self._row(ino))
             if staging.seal_error is not None:  # e.g. ENOSPC: the writer learns at once
                 error, staging.seal_error = staging.seal_error, None
                 raise error
