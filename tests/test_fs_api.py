@@ -813,3 +813,29 @@ async def test_a_stored_chunk_s_plaintext_is_let_go_while_its_push_is_queued(h: 
     await h.fs.flush(fh)
     await h.fs.release(fh)
     assert await h.cat(await h.ino(b"big")) == b"".join(pieces)
+
+
+async def test_ftruncate_is_staged_until_flush_and_truncate_by_path_commits_at_once(
+    h: Harness,
+) -> None:
+    """``split`` truncates each file it creates through its handle; that truncate was a
+    commit of its own (a new version, announced to every peer) before the data's."""
+    fh, ino = await h.create(b"f", rand(3 * 4096))
+    await h.fs.flush(fh)
+    committed = h.db.reader.by_ino(ino)
+    assert committed is not None and committed.size == 3 * 4096
+
+    attr = await h.fs.setattr(ino, size=4096, fh=fh)
+    assert attr.size == (await h.fs.getattr(ino)).size == 4096
+    assert await h.fs.read(fh, 0, 3 * 4096) == rand(3 * 4096)[:4096]
+    row = h.db.reader.by_ino(ino)
+    assert row is not None and row.size == 3 * 4096 and row.version == committed.version
+    await h.fs.flush(fh)
+    row = h.db.reader.by_ino(ino)
+    assert row is not None and row.size == 4096 and row.version != committed.version
+
+    await h.fs.setattr(ino, size=100)  # truncate(2): no handle will be flushed
+    row = h.db.reader.by_ino(ino)
+    assert row is not None and row.size == 100
+    await h.fs.release(fh)
+    assert await h.cat(ino) == rand(3 * 4096)[:100]

@@ -419,7 +419,8 @@ class Filesystem:
                 raise FsError(errno.EFBIG)
             async with self._lock(ino):
                 await self._truncate(ino, row, size)
-                await self._commit_locked(ino)
+                if not self._writes_through(fh, ino):
+                    await self._commit_locked(ino)
             row = self._row(ino)
         attrs: dict[str, object] = {}
         if mode is not None:
@@ -457,6 +458,13 @@ class Filesystem:
         acc = flags & os.O_ACCMODE
         self._handles[fh] = Handle(ino, acc != os.O_RDONLY, bool(flags & os.O_APPEND))
         return fh
+
+    def _writes_through(self, fh: int | None, ino: int) -> bool:
+        """Whether ``fh`` is a writable handle of ``ino``: then a change through it (an
+        ``ftruncate``) is staged like a write and committed when that handle is flushed
+        (``split`` and ``cp`` truncate each new file: one commit per file, not two)."""
+        handle = self._handles.get(fh) if fh is not None else None
+        return handle is not None and handle.ino == ino and handle.writable
 
     def _handle(self, fh: int) -> Handle:
         handle = self._handles.get(fh)
@@ -699,7 +707,7 @@ class Filesystem:
                 row.rid, size, mtime, now, changed, keep, chunk_count(size), new_chunks
             )
 
-        gone = await self.db.write(txn)
+        gone = await self.db.write(txn, small=len(changed) <= 1)  # a small file: inline
         self._unsynced.setdefault(ino, set()).update(c for c, _ in new_chunks)
         staging.reset(size)
         try:  # committed: a failing clean-up must not make close() report an error
