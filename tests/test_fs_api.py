@@ -291,6 +291,30 @@ async def test_unlink_of_a_file_nobody_holds_frees_the_inode(h: Harness) -> None
     assert errno_of(exc) == errno.ENOENT
 
 
+async def test_unlink_of_a_file_only_looked_up_keeps_no_hidden_copy(h: Harness) -> None:
+    """``rm`` unlinks files the kernel has looked up but nobody has open: the kernel
+    cannot reach them any more, so a hidden copy (written at unlink, deleted again at
+    the forget) was two transactions' work for nothing on every file of an ``rm -rf``."""
+    ino = await h.put(b"f", b"data")  # one lookup, no handle
+    await h.fs.unlink(ROOT_INO, b"f")
+    assert h.db.reader.hidden_inodes() == []
+    await h.fs.forget([(ino, 1)])
+    assert h.db.reader.by_ino(ino) is None
+    assert [entry[1] for entry in h.db.reader.trash()] == [b"f"]  # still restorable
+
+
+async def test_one_forget_frees_every_detached_inode_it_names(h: Harness) -> None:
+    handles = [await h.create(name, b"x" * 10) for name in (b"a", b"b", b"c")]
+    for name in (b"a", b"b", b"c"):
+        await h.fs.unlink(ROOT_INO, name)  # open: each keeps a hidden copy
+    for fh, _ in handles:
+        await h.fs.flush(fh)
+        await h.fs.release(fh)
+    assert len(h.db.reader.hidden_inodes()) == 3
+    await h.fs.forget([(ino, 1) for _, ino in handles])
+    assert h.db.reader.hidden_inodes() == []
+
+
 # --- rename ---------------------------------------------------------------------------
 
 
@@ -773,7 +797,7 @@ async def test_a_detached_inode_the_kernel_was_handed_meanwhile_is_not_freed(h: 
     h.db.write_sync(lambda t: t.apply_remote(remote))
     detached = h.db.reader.by_ino(ino)
     assert detached is not None and detached.hidden
-    await h.fs._free_if_detached(ino)  # as a sweep whose list predates the lookup would
+    await h.fs._free_if_detached([ino])  # as a sweep whose list predates the lookup would
     assert h.db.reader.by_ino(ino) is not None
     await h.fs.forget([(ino, 1)])
     assert h.db.reader.by_ino(ino) is None, "freed once the kernel forgets it"

@@ -37,7 +37,8 @@ READ_AHEAD = 8  # chunks prefetched ahead of a sequential reader
 SEAL_AHEAD = 4  # full chunks being hashed and encrypted behind the writers, node-wide
 MAX_FILE_SIZE = 1 << 43  # 8 TiB: larger offsets get EFBIG
 READDIR_BATCH = 256
-INLINE_FREE_MAX = 64 * CHUNK_SIZE  # a detached file up to this size is freed on the loop
+INLINE_FREE_MAX = 64 * CHUNK_SIZE  # detached files up to this size are freed on the loop
+SWEEP_BATCH = 256  # detached inodes freed per transaction by the sweep
 
 _KIND_BITS = {
     Kind.FILE: stat.S_IFREG,
@@ -216,29 +217,48 @@ class Filesystem:
         self._lookups[ino] = self._lookups.get(ino, 0) + 1
 
     async def forget(self, items: list[tuple[int, int]]) -> None:
-        """Drop kernel references; a detached (unlinked) inode at 0 is freed. Never raises."""
+        """Drop kernel references; detached (unlinked) inodes at 0 are freed, a batch of
+        them in one transaction (``rm -rf`` makes one per file). Never raises."""
+        released = []
         for ino, n in items:
             left = self._lookups.get(ino, 0) - n
             if left > 0:
                 self._lookups[ino] = left
                 continue
             self._lookups.pop(ino, None)
-            if ino == ROOT_INO or any(h.ino == ino for h in self._handles.values()):
-                continue
-            await self._free_if_detached(ino)
+            if ino != ROOT_INO and not self._held(ino):
+                released.append(ino)
+        if released:
+            await self._free_if_detached(released)
 
-    async def _free_if_detached(self, ino: int) -> None:
+    def _held(self, ino: int) -> bool:
+        """Whether the kernel holds ``ino`` (a lookup or an open handle)."""
+        return self._lookups.get(ino, 0) > 0 or any(h.ino == ino for h in self._handles.values())
+
+    async def _free_if_detached(self, inos: list[int]) -> None:
         try:
-            row = self.db.reader.by_ino(ino)
-            if row is None or not row.hidden or ino in self.known_inodes():
-                return  # a lookup racing a remote change may have handed it out since
-            self._drop_staging(ino)
-            self._displaced.pop(ino, None)
-            small = row.size <= INLINE_FREE_MAX  # its blocks are dropped in the transaction
-            gone = await self.db.write(lambda t: t.forget_hidden(ino), small=small)
-            await self._delete_chunks(gone)
+            rows = [(ino, self.db.reader.by_ino(ino)) for ino in inos]
+            # a lookup racing a remote change may have handed one out again since
+            detached = [(ino, row) for ino, row in rows if row is not None and row.hidden]
+            detached = [(ino, row) for ino, row in detached if not self._held(ino)]
+            if not detached:
+                return
+            for ino, _ in detached:
+                self._forget_state(ino)
+            # blocks are dropped in the transaction: on the loop only for small files
+            small = sum(row.size for _, row in detached) <= INLINE_FREE_MAX
+
+            def txn(t: Txn) -> list[bytes]:
+                return [c for ino, _ in detached for c in t.forget_hidden(ino)]
+
+            await self._delete_chunks(await self.db.write(txn, small=small))
         except Exception:
-            log.exception("freeing detached inode %d failed", ino)
+            log.exception("freeing detached inodes %s failed", inos[:8])
+
+    def _forget_state(self, ino: int) -> None:
+        """Drop what this process keeps for an inode that is gone for good."""
+        self._drop_staging(ino)
+        self._displaced.pop(ino, None)
 
     def _drop_staging(self, ino: int) -> None:
         staging = self._staging.pop(ino, None)
@@ -341,12 +361,22 @@ class Filesystem:
         if ino is not None and row.kind == Kind.FILE:
             await self._commit(ino)  # the trash keeps what was last written
             row = self.db.reader.by_rid(row.rid) or row
-        keep = ino if ino is not None and self._known(ino) else None
+        keep = self._kept_inode(ino, row.kind)
         now = now_ns()
         await self.db.write(lambda t: t.delete(row, now, keep), small=True)
+        if ino is not None and keep is None:
+            self._forget_state(ino)
 
-    def _known(self, ino: int) -> bool:
-        return self._lookups.get(ino, 0) > 0 or any(h.ino == ino for h in self._handles.values())
+    def _kept_inode(self, ino: int | None, kind: Kind) -> int | None:
+        """The inode a removed record leaves to a hidden copy, or None (it goes with the
+        record). A file is reached after its unlink through open handles alone: its
+        lookup reference only waits for the forget that follows. A directory may still
+        be a process's working directory, so the kernel's reference is enough."""
+        if ino is None:
+            return None
+        if kind == Kind.DIR:
+            return ino if self._held(ino) else None
+        return ino if any(h.ino == ino for h in self._handles.values()) else None
 
     async def rename(
         self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int
@@ -384,7 +414,7 @@ class Filesystem:
         if dst_ino is not None and dst is not None and dst.kind == Kind.FILE:
             await self._commit(dst_ino)
             dst = self.db.reader.by_rid(dst.rid) or dst
-        keep = dst_ino if dst_ino is not None and self._known(dst_ino) else None
+        keep = self._kept_inode(dst_ino, dst.kind) if dst is not None else None
         now = now_ns()
 
         def txn(t: Txn) -> None:
@@ -393,6 +423,8 @@ class Filesystem:
             t.move(src, new_path, now)
 
         await self.db.write(txn)
+        if dst_ino is not None and keep is None:
+            self._forget_state(dst_ino)
 
     # -- attributes ------------------------------------------------------------------
     async def setattr(
@@ -652,7 +684,7 @@ class Filesystem:
             elif staging is not None:
                 self._staging[ino] = staging
             if self._lookups.get(ino, 0) == 0:
-                await self._free_if_detached(ino)
+                await self._free_if_detached([ino])
 
     async def _commit(self, ino: int) -> None:
         staging = self._staging.get(ino)
@@ -741,9 +773,9 @@ class Filesystem:
         """Free detached inodes the kernel holds no reference to (remote changes detach
         every replaced inode, since a lookup may be racing the change)."""
         known = self.known_inodes()
-        for ino in self.db.reader.hidden_inodes():
-            if ino not in known:
-                await self._free_if_detached(ino)
+        unheld = [ino for ino in self.db.reader.hidden_inodes() if ino not in known]
+        for start in range(0, len(unheld), SWEEP_BATCH):
+            await self._free_if_detached(unheld[start : start + SWEEP_BATCH])
 
     def staged_chunk_ids(self) -> frozenset[bytes]:
         """Chunks stored for writes not committed yet: equal content gives equal ids, so
