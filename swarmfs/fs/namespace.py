@@ -329,13 +329,14 @@ class Filesystem:
         path = join(parent.path, name)
         now = now_ns()
 
-        def txn(t: Txn) -> tuple[int, int]:
-            if t.by_path(path) is not None and not t.by_path(path).deleted:  # type: ignore[union-attr]
+        def txn(t: Txn) -> tuple[Row | None, int]:
+            existing = t.by_path(path)
+            if existing is not None and not existing.deleted:
                 raise FsError(errno.EEXIST)
-            return t.create(path, kind, perm, caller.uid, gid, now, target)
+            rid, ino = t.create(path, kind, perm, caller.uid, gid, now, target)
+            return t.by_rid(rid), ino  # the writer's cache is warm; the reader's is not
 
-        rid, ino = await self.db.write(txn, small=True)
-        row = self.db.reader.by_rid(rid)
+        row, ino = await self.db.write(txn, small=True)
         assert row is not None
         return self._entry(row, ino)
 
