@@ -14,11 +14,13 @@ import logging
 import os
 import random
 import stat
+import threading
 from pathlib import Path
 
 import pyfuse3
 import pytest
 import trio
+import trio.testing
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -303,7 +305,9 @@ async def test_unlink_of_a_file_only_looked_up_keeps_no_hidden_copy(h: Harness) 
     assert [entry[1] for entry in h.db.reader.trash()] == [b"f"]  # still restorable
 
 
-async def test_one_forget_frees_every_detached_inode_it_names(h: Harness) -> None:
+async def test_one_forget_frees_every_detached_inode_it_names_in_one_transaction(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
     handles = [await h.create(name, b"x" * 10) for name in (b"a", b"b", b"c")]
     for name in (b"a", b"b", b"c"):
         await h.fs.unlink(ROOT_INO, name)  # open: each keeps a hidden copy
@@ -311,8 +315,81 @@ async def test_one_forget_frees_every_detached_inode_it_names(h: Harness) -> Non
         await h.fs.flush(fh)
         await h.fs.release(fh)
     assert len(h.db.reader.hidden_inodes()) == 3
+    transactions = _count_writes(h, monkeypatch)
     await h.fs.forget([(ino, 1) for _, ino in handles])
     assert h.db.reader.hidden_inodes() == []
+    assert len(transactions) == 1
+
+
+def _count_writes(h: Harness, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Spy on the database's write transactions; the list gets each one's ``small``."""
+    seen: list[bool] = []
+    real = h.db.write
+
+    async def write(fn, *, small: bool = False):  # type: ignore[no-untyped-def]
+        seen.append(small)
+        return await real(fn, small=small)
+
+    monkeypatch.setattr(h.db, "write", write)
+    return seen
+
+
+async def test_a_path_still_resolving_to_a_removed_file_gets_estale(h: Harness) -> None:
+    """The kernel may still resolve a name to a file removed by unlink or rename-over
+    (a lookup racing the removal, a readdirplus reply): ESTALE makes it look the path
+    up again, where ENOENT would fail an ``open`` of a path that exists (atomic replace)."""
+    old = await h.put(b"config", b"old")
+    await h.put(b"config.tmp", b"new")
+    await h.fs.rename(ROOT_INO, b"config.tmp", ROOT_INO, b"config", 0)
+    with pytest.raises(FsError) as exc:
+        await h.fs.open(old, os.O_RDONLY)
+    assert errno_of(exc) == errno.ESTALE
+    assert await h.cat(await h.ino(b"config")) == b"new"  # the retried lookup
+    await h.fs.forget([(old, 1)])
+    with pytest.raises(FsError) as exc:
+        await h.fs.getattr(old)
+    assert errno_of(exc) == errno.ENOENT  # forgotten: the kernel cannot ask any more
+
+
+async def test_an_open_during_the_removal_of_its_file_waits_and_finds_it_gone(
+    h: Harness,
+) -> None:
+    """An open that arrived while the unlink's transaction waited for the writer got a
+    handle to an inode the transaction then took away: reads on a valid fd failed."""
+    ino = await h.put(b"f", b"data")
+    writer_free = threading.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(h.db.write, lambda t: writer_free.wait())  # the writer is busy
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(h.fs.unlink, ROOT_INO, b"f")
+        await trio.testing.wait_all_tasks_blocked()
+        opened: list[object] = []
+
+        async def open_it() -> None:
+            try:
+                opened.append(await h.fs.open(ino, os.O_RDONLY))
+            except FsError as exc:
+                opened.append(exc.errno)
+
+        nursery.start_soon(open_it)
+        await trio.testing.wait_all_tasks_blocked()
+        waited = opened == []
+        writer_free.set()  # before any assertion: the nursery waits for that thread
+    assert waited, "the open must wait for the removal"
+    assert opened == [errno.ESTALE]
+
+
+async def test_a_big_file_s_truncate_is_committed_by_the_writer_thread(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit runs on the event loop only for a small file: truncating a big one drops
+    its whole block list, which would hold every request of the mount meanwhile."""
+    ino = await h.put(b"big", rand(3 * MiB))
+    transactions = _count_writes(h, monkeypatch)
+    await h.fs.setattr(ino, size=0)
+    assert transactions == [False]
+    await h.put(b"small", b"tiny")
+    assert transactions[-1] is True  # the commit of a one-block file
 
 
 # --- rename ---------------------------------------------------------------------------

@@ -373,3 +373,32 @@ def test_a_directory_of_100_000_entries_lists_completely(mnt: Path) -> None:
         kinds = {e.name: e.is_file(follow_symlinks=False) for e in it}
     assert len(kinds) == count and all(kinds.values())
     assert (big / names[-1]).exists() and (big / names[0]).exists()
+
+
+def test_readers_of_a_file_replaced_by_rename_never_miss_it(mnt: Path) -> None:
+    """Atomic replace (write a temporary file, rename it over) while others open the
+    path: the name always exists, so every open must succeed and read one whole
+    version. The kernel may resolve the name to the replaced inode just before the
+    rename; that inode must then send it to look again, not report ENOENT."""
+    config = mnt / "config"
+    versions = [f"version {i}\n".encode() * 100 for i in range(150)]
+    config.write_bytes(versions[0])
+    done = threading.Event()
+    seen: set[bytes] = set()
+
+    def replace_repeatedly() -> None:
+        try:
+            for i, content in enumerate(versions[1:], 1):
+                tmp = mnt / f"config.tmp{i}"
+                tmp.write_bytes(content)
+                os.rename(tmp, config)
+        finally:
+            done.set()
+
+    def read_repeatedly() -> None:
+        while not done.is_set():
+            seen.add(config.read_bytes())
+
+    run_threads([replace_repeatedly, read_repeatedly, read_repeatedly])
+    assert seen <= set(versions) and len(seen) > 1
+    assert config.read_bytes() == versions[-1]

@@ -3,8 +3,9 @@
 ``Filesystem`` is what ``fuse/operations.py`` calls, and what tests call
 directly without a mount (as S3QL's ``t3_fs_api``). It keeps the per-inode
 state the kernel protocol needs: lookup counts (an inode lives until
-``forget`` brings it to 0, also after unlink), open handles, and staged
-writes, committed on ``flush``/``fsync`` (DESIGN.md §3, §8).
+``forget`` brings it to 0; after an unlink, a regular file's only while it is
+open, see ``_kept_inode``), open handles, and staged writes, committed on
+``flush``/``fsync`` (DESIGN.md §3, §8).
 
 Runs on the trio event loop. Database reads are short queries on the loop
 thread; writes, hashing, encryption and file I/O go to worker threads.
@@ -16,7 +17,8 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -129,12 +131,17 @@ class Filesystem:
         # inodes a remote change moved off their path: a later commit on them is a
         # concurrent edit of that path and goes through the merge rules
         self._displaced: dict[int, bytes] = {}
+        # inodes whose removal is being committed; an open of one waits (``_removing``)
+        self._removals: dict[int, trio.Event] = {}
 
     # -- helpers ----------------------------------------------------------------
     def _row(self, ino: int) -> Row:
         row = self.db.reader.by_ino(ino)
         if row is None:
-            raise FsError(errno.ENOENT)
+            # Known to the kernel but gone: a file removed while nobody had it open
+            # (``_kept_inode``). ESTALE makes the kernel look the path up again and
+            # retry the open or stat, which then finds what is there now.
+            raise FsError(errno.ESTALE if self._lookups.get(ino) else errno.ENOENT)
         return row
 
     def _dir_row(self, ino: int) -> Row:
@@ -364,20 +371,37 @@ class Filesystem:
             row = self.db.reader.by_rid(row.rid) or row
         keep = self._kept_inode(ino, row.kind)
         now = now_ns()
-        await self.db.write(lambda t: t.delete(row, now, keep), small=True)
-        if ino is not None and keep is None:
-            self._forget_state(ino)
+        async with self._removing(ino if keep is None else None):
+            await self.db.write(lambda t: t.delete(row, now, keep), small=True)
 
     def _kept_inode(self, ino: int | None, kind: Kind) -> int | None:
         """The inode a removed record leaves to a hidden copy, or None (it goes with the
-        record). A file is reached after its unlink through open handles alone: its
-        lookup reference only waits for the forget that follows. A directory may still
-        be a process's working directory, so the kernel's reference is enough."""
+        record). After its unlink, a regular file is used through open handles; a path
+        the kernel still resolves to it (a lookup racing the removal) gets ESTALE and is
+        looked up again (``_row``), and an open arriving meanwhile waits for the removal
+        (``_removing``). Directories (a working directory), FIFOs and sockets (opened
+        without a FUSE open) keep theirs while the kernel knows them."""
         if ino is None:
             return None
-        if kind == Kind.DIR:
+        if kind != Kind.FILE:
             return ino if self._held(ino) else None
         return ino if any(h.ino == ino for h in self._handles.values()) else None
+
+    @asynccontextmanager
+    async def _removing(self, ino: int | None) -> AsyncIterator[None]:
+        """Around the transaction that takes ``ino`` away with its record: an ``open``
+        of it meanwhile waits, then finds it gone (it would have held a handle to an
+        inode about to vanish)."""
+        if ino is None:
+            yield
+            return
+        done = self._removals[ino] = trio.Event()
+        try:
+            yield
+            self._forget_state(ino)
+        finally:
+            self._removals.pop(ino, None)
+            done.set()
 
     async def rename(
         self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int
@@ -423,9 +447,8 @@ class Filesystem:
                 t.delete(dst, now, keep)
             t.move(src, new_path, now)
 
-        await self.db.write(txn)
-        if dst_ino is not None and keep is None:
-            self._forget_state(dst_ino)
+        async with self._removing(dst_ino if keep is None else None):
+            await self.db.write(txn)
 
     # -- attributes ------------------------------------------------------------------
     async def setattr(
@@ -506,6 +529,9 @@ class Filesystem:
         return handle
 
     async def open(self, ino: int, flags: int) -> int:
+        removal = self._removals.get(ino)
+        if removal is not None:
+            await removal.wait()
         row = self._row(ino)
         if row.kind == Kind.DIR:
             raise FsError(errno.EISDIR)
@@ -740,7 +766,9 @@ class Filesystem:
                 row.rid, size, mtime, now, changed, keep, chunk_count(size), new_chunks
             )
 
-        gone = await self.db.write(txn, small=len(changed) <= 1)  # a small file: inline
+        # a small file on the loop; dropping or copying a big block list in the writer
+        small = len(changed) + chunk_count(row.size) <= 2
+        gone = await self.db.write(txn, small=small)
         self._unsynced.setdefault(ino, set()).update(c for c, _ in new_chunks)
         staging.reset(size)
         try:  # committed: a failing clean-up must not make close() report an error

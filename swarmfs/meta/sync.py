@@ -4,13 +4,10 @@ Each change this node applies, local or received, has its own sequence
 number. On connecting, this node asks the peer for its records after the last
 sequence received from it (remembered per peer and index id, advanced
 contiguously in the same transaction as the records), page by page; then
-``announce`` pushes arrive live. An announce that does not continue the
-remembered sequence exactly triggers a pull instead, so nothing is skipped.
-
-Changes are announced to every connected peer, the source of a received change
-included: the echo merges as "no change" at the source, and keeping every
-peer's view of our sequence contiguous is simpler and cheaper than the pulls a
-gap would cause.
+``announce`` pushes arrive live. An announce names the span of this node's
+sequence it covers (``after`` to ``sequence``): a receiver that holds
+everything up to ``after`` applies it, otherwise it pulls, so nothing is
+skipped. That lets a change go to every peer except the one it came from.
 
 Runs on the trio loop; applying is one database write per page.
 """
