@@ -123,7 +123,11 @@ class Node:
         self.handle_signals = True
 
     async def _queue_push(self, chunk_id: bytes, size: int) -> None:
-        await self.db.write(lambda t: t.queue_push(chunk_id, size), small=True)
+        """A chunk of a file still being written goes out before its commit; a node that
+        knows no peer skips this (the commit queues the chunk too, and a peer that
+        appears gets it from the repair), saving a transaction per MiB written."""
+        if self.membership.peers():
+            await self.db.write(lambda t: t.queue_push(chunk_id, size), small=True)
 
     async def _peer_connected(self, conn: PeerConnection) -> None:
         self.replicator.peer_changed()

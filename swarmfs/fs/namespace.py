@@ -366,7 +366,7 @@ class Filesystem:
         if want_dir and self.db.reader.has_children(row.path):
             raise FsError(errno.ENOTEMPTY)
         ino = self.db.reader.ino_of(row.rid)
-        if ino is not None and row.kind == Kind.FILE:
+        if ino is not None and self._has_staged(ino):
             await self._commit(ino)  # the trash keeps what was last written
             row = self.db.reader.by_rid(row.rid) or row
         keep = self._kept_inode(ino, row.kind)
@@ -432,11 +432,11 @@ class Filesystem:
             if dst.kind == Kind.DIR and self.db.reader.has_children(dst.path):
                 raise FsError(errno.ENOTEMPTY)
         src_ino = self.db.reader.ino_of(src.rid)
-        if src_ino is not None and src.kind == Kind.FILE:
+        if src_ino is not None and self._has_staged(src_ino):
             await self._commit(src_ino)
             src = self.db.reader.by_rid(src.rid) or src
         dst_ino = self.db.reader.ino_of(dst.rid) if dst is not None else None
-        if dst_ino is not None and dst is not None and dst.kind == Kind.FILE:
+        if dst_ino is not None and dst is not None and self._has_staged(dst_ino):
             await self._commit(dst_ino)
             dst = self.db.reader.by_rid(dst.rid) or dst
         keep = self._kept_inode(dst_ino, dst.kind) if dst is not None else None
@@ -713,9 +713,13 @@ class Filesystem:
             if self._lookups.get(ino, 0) == 0:
                 await self._free_if_detached([ino])
 
-    async def _commit(self, ino: int) -> None:
+    def _has_staged(self, ino: int) -> bool:
+        """Whether ``ino`` has writes not committed yet (only files ever do)."""
         staging = self._staging.get(ino)
-        if staging is None or not staging.modified:
+        return staging is not None and staging.modified
+
+    async def _commit(self, ino: int) -> None:
+        if not self._has_staged(ino):
             return
         async with self._lock(ino):
             await self._commit_locked(ino)
