@@ -7,7 +7,6 @@ Thread-safe: concurrent puts of one id both succeed and leave one file.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import secrets
@@ -15,22 +14,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from swarmfs.errors import ChunkMissing
-
-EARLY_WRITEBACK = 256 * 1024
-"""A chunk this large goes to the disk at once, without waiting: the ``fsync`` that
-ends a big write then finds its data written instead of writing it all serially."""
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_sync_file_range = getattr(_libc, "sync_file_range", None)  # Linux only; not in ``os``
-if _sync_file_range is not None:
-    _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _start_writeback(fd: int) -> None:
-    """Ask the kernel to start writing ``fd``'s dirty pages out; returns at once."""
-    if _sync_file_range is not None:
-        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # a hint: errors do not matter
 
 
 class ChunkStore:
@@ -73,8 +56,6 @@ class ChunkStore:
         try:
             with open(tmp, "wb") as f:
                 f.write(ciphertext)
-                if len(ciphertext) >= EARLY_WRITEBACK:
-                    _start_writeback(f.fileno())
             try:
                 os.replace(tmp, final)
             except FileNotFoundError:  # a fan-out directory removed behind our back
