@@ -146,10 +146,9 @@ def tune_malloc() -> None:
     it went back to the kernel and the next buffer faulted its 256 pages in
     again: sealing a chunk took ~480 page faults and 2.0 ms instead of 1.2.
     A fixed threshold of 4 MiB for mmap and 16 MiB for trimming keeps the
-    freed space for the next chunk. Measured (1 GiB written with ``dd``, fresh
-    data, one node, 3 rounds each): page faults 195–216 → 0–4 per MiB, node CPU
-    4.5–6.4 → 4.2–5.8 s, 199–255 → 245–330 MB/s; peak RSS of a writing node with
-    a peer, 4 GiB: 88 → 91–95 MiB.
+    freed space for the next chunk. Measured: the node's page faults while
+    ``dd`` writes 1 GiB of fresh data, 195–216 → 0–4 per MiB; peak RSS of a
+    node writing 4 GiB with a peer, 88 → 91–95 MiB.
 
     Two arenas instead of eight per core: each worker thread's arena kept what
     it once held, so RSS climbed with the threads that ever touched a chunk

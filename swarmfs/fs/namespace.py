@@ -240,14 +240,16 @@ class Filesystem:
 
     def _held(self, ino: int) -> bool:
         """Whether the kernel holds ``ino`` (a lookup or an open handle)."""
-        return self._lookups.get(ino, 0) > 0 or any(h.ino == ino for h in self._handles.values())
+        return self._lookups.get(ino, 0) > 0 or self._is_open(ino)
+
+    def _is_open(self, ino: int) -> bool:
+        return any(h.ino == ino for h in self._handles.values())
 
     async def _free_if_detached(self, inos: list[int]) -> None:
         try:
-            rows = [(ino, self.db.reader.by_ino(ino)) for ino in inos]
-            # a lookup racing a remote change may have handed one out again since
+            # (a lookup racing a remote change may have handed one out again since)
+            rows = [(ino, self.db.reader.by_ino(ino)) for ino in inos if not self._held(ino)]
             detached = [(ino, row) for ino, row in rows if row is not None and row.hidden]
-            detached = [(ino, row) for ino, row in detached if not self._held(ino)]
             if not detached:
                 return
             for ino, _ in detached:
@@ -385,7 +387,7 @@ class Filesystem:
             return None
         if kind != Kind.FILE:
             return ino if self._held(ino) else None
-        return ino if any(h.ino == ino for h in self._handles.values()) else None
+        return ino if self._is_open(ino) else None
 
     @asynccontextmanager
     async def _removing(self, ino: int | None) -> AsyncIterator[None]:
@@ -488,7 +490,7 @@ class Filesystem:
         if atime_ns is not None:
             attrs["atime_ns"] = atime_ns
         if mtime_ns is not None:
-            if ino in self._staging and self._staging[ino].modified:
+            if self._has_staged(ino):
                 async with self._lock(ino):
                     await self._commit_locked(ino)
             attrs["mtime_ns"] = mtime_ns
@@ -554,8 +556,7 @@ class Filesystem:
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self._handle(fh)
         ino = handle.ino
-        staging = self._staging.get(ino)
-        if staging is not None and staging.modified:
+        if self._has_staged(ino):
             async with self._lock(ino):
                 return await self._read_range(ino, offset, size, ahead=0)
         sequential = offset in (handle.next_offset, 0)
@@ -701,10 +702,8 @@ class Filesystem:
         if handle is None:
             return
         ino = handle.ino
-        staging = self._staging.get(ino)
-        if staging is not None and staging.modified:
-            await self._commit(ino)  # writes after the last flush (mmap)
-        if not any(h.ino == ino for h in self._handles.values()):
+        await self._commit(ino)  # writes after the last flush (mmap), if any
+        if not self._is_open(ino):
             staging = self._staging.pop(ino, None)
             if staging is not None and not staging.modified:
                 staging.close()
