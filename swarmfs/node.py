@@ -100,7 +100,7 @@ class Node:
             index_position=lambda: (self.db.reader.index_id(), self.db.sequence),
             settings=network,
         )
-        self.sync = IndexSync(self.db, self.membership, self.chunks, self.fs.remote_applied)
+        self.sync = IndexSync(self.db, self.chunks, self.fs.remote_applied)
         self.chunk_service = ChunkService(self.db, self.store)
         self.replicator = Replicator(
             self.db, self.store, self.membership, config.replicas, self.memory
@@ -119,6 +119,7 @@ class Node:
         ):
             self.membership.register_handler(msg_type, handler)
         self.membership.add_connect_hook(self._peer_connected)
+        self.membership.add_connect_hook(self.sync.announce_to)
         self._shutdown = trio.Event()
         self.handle_signals = True
 
@@ -245,7 +246,6 @@ class Node:
                 self.chunks.nursery = self.fs.nursery = nursery
                 await nursery.start(self.membership.run)
                 for name, service in (
-                    ("index sync", self.sync.run),
                     ("replication", self.replicator.run),
                     ("garbage collection", self.gc.run),
                 ):

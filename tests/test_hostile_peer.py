@@ -101,6 +101,15 @@ class Client:
         assert msg["t"] == "hello", msg
         return msg
 
+    async def followed(self) -> None:
+        """Wait for the node's first pull of this client's index and answer it. Only from
+        then on does the node apply this client's announces: one that comes earlier is
+        dropped, as that pull returns it from an honest peer."""
+        with trio.fail_after(15):
+            while (msg := await _next_raw(self))["t"] != "index_since":
+                await self._answer(msg)
+        await self._answer(msg)
+
     async def receive(self) -> dict[str, Any] | None:
         """The next message that is not a request of the node's; None once closed."""
         while True:
@@ -183,6 +192,7 @@ class Target:
     async def client(self) -> Client:
         c = await Client.connect(self.a.listen, self.key, self.scratch)
         await c.hello()
+        await c.followed()
         return c
 
     def log_offset(self) -> int:
@@ -551,6 +561,32 @@ async def test_client_with_another_swarm_key_fails_the_handshake(target: Target)
     assert target.a.node_id in {p["id"] for p in target.b.status()["peers"] if p["connected"]}
 
 
+async def test_a_peer_that_stops_reading_holds_back_no_other_peer_s_announces(
+    target: Target,
+) -> None:
+    """Regression test: one task announced to every peer in turn, so a peer whose TCP
+    window was full (asking for chunks and never reading the replies) held back every
+    change from every other peer until its connection died (``dead_after``, 60 s)."""
+    (target.a.mnt / f"stuck-{target.token}").write_bytes(payload(MiB, 7))
+    with contextlib.closing(
+        sqlite3.connect(f"file:{target.a.data_dir / 'swarmfs.db'}?mode=ro", uri=True)
+    ) as db:
+        (chunk_id,) = db.execute("SELECT chunk_id FROM chunks WHERE size > ?", (MiB,)).fetchone()
+    client = await target.client()
+    asks = b"".join(
+        frame(pack({"t": "chunk_get", "id": next(client.ids), "chunk_id": chunk_id}))
+        for _ in range(32)
+    )
+    assert await client.send_raw(asks)  # 32 MiB of replies; the client reads none of them
+    try:
+        for i in range(3):  # the first change may still reach b before the window fills
+            name = f"past-the-stuck-{i}-{target.token}"
+            (target.a.mnt / name).write_bytes(b"x")
+            eventually(lambda n=name: (target.b.mnt / n).exists(), SYNC_TIMEOUT, name)
+    finally:
+        await client.aclose()
+
+
 async def test_real_peer_replicates_after_all_that(target: Target) -> None:
     target.still_replicates("finally")
     mem = target.memory()
@@ -586,6 +622,9 @@ async def test_announce_while_the_node_pulls_from_us_does_not_stall_it(target: T
         alive = await client.request({"t": "ping"}, timeout=10)
     except trio.TooSlowError:
         alive = None
-    await client.aclose()
-    assert alive is not None and alive["t"] == "pong", "the node stopped reading this connection"
-    eventually(lambda: (target.a.mnt / name.decode()).exists(), 10, "the raced record")
+    try:
+        assert alive is not None and alive["t"] == "pong", "the node stopped reading this link"
+        # Still connected: a pull cut short by its peer's hang-up is dropped, not applied.
+        eventually(lambda: (target.a.mnt / name.decode()).exists(), 10, "the raced record")
+    finally:
+        await client.aclose()

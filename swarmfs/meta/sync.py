@@ -47,12 +47,6 @@ ANNOUNCE_INBOX = 64  # announces queued per peer before falling back to a pull
 Invalidations = list[tuple[bytes, bytes, int | None, bool]]
 
 
-class Peers(Protocol):
-    def connected_peers(self) -> list[PeerConnection]: ...
-
-    async def wait_connected(self, n: int) -> None: ...
-
-
 class ManifestStore(Protocol):
     """Seals and reads manifest chunks (block lists too long to travel inline)."""
 
@@ -65,18 +59,18 @@ class IndexSync:
     def __init__(
         self,
         db: Database,
-        peers: Peers,
         manifests: ManifestStore,
         applied: Callable[[Invalidations], Awaitable[None]],
     ) -> None:
         self.db = db
-        self.peers = peers
         self.manifests = manifests
         self._applied = applied
         self._apply_locks: dict[str, trio.Lock] = {}
         self._inbox: dict[str, trio.MemorySendChannel[Announce]] = {}
         self._pull_later: set[str] = set()
         self._announced = db.sequence  # last change some peer has been sent
+        self._announcing: dict[PeerConnection, int] = {}  # peer -> last change announced
+        self._exported: tuple[tuple[int, int], list[dict[str, Any]]] | None = None
         self._sources = _Sources()
 
     def backlog(self) -> int:
@@ -120,6 +114,7 @@ class IndexSync:
         page, more = self._page(since)
         records = await self.export(page)
         last = page[-1][0].sequence if page else since
+        self._announced = max(self._announced, last)  # the peer has it now
         return Index(index_id=index_id, sequence=last, records=tuple(records), more=more)
 
     # -- receiving -------------------------------------------------------------------
@@ -238,33 +233,52 @@ class IndexSync:
                 del self._inbox[conn.peer_id]
 
     # -- announcing --------------------------------------------------------------------
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Announce every change (local or applied) to every connected peer, in order."""
+    async def announce_to(self, conn: PeerConnection) -> None:
+        """Connect hook: send the peer every change made or applied here from now on, in
+        order, a page at a time (what came before, its own pull on connecting fetches).
+
+        One task per peer: a peer that stops reading holds back only its own
+        announces, and gets fewer, larger pages once it reads again. (One loop sending
+        to each peer in turn let a peer whose TCP window was full hold back every
+        other peer's announces until its connection died.)
+        """
         last = self.db.sequence
-        task_status.started()
-        while True:
-            await self.db.wait_changed(last)
-            await self.peers.wait_connected(1)  # while alone, changes wait (the backlog)
-            page, _ = self._page(last)
-            if not page:
-                last = self.db.sequence
-                continue
-            newest = page[-1][0].sequence
-            records = await self.export(page)
-            sources = [self._sources.of(row.sequence) for row, _ in page]
-            index_id = self.db.reader.index_id()
-            for conn in self.peers.connected_peers():
-                theirs = tuple(
-                    m for m, src in zip(records, sources, strict=True) if src != conn.peer_id
-                )
-                msg = Announce(index_id=index_id, after=last, sequence=newest, records=theirs)
-                try:
-                    await conn.send(msg)
-                except PeerUnavailable:
+        self._announcing[conn] = last
+        try:
+            while True:
+                await self.db.wait_changed(last)
+                page, _ = self._page(last)
+                if not page:
+                    last = self.db.sequence
                     continue
+                newest = page[-1][0].sequence
+                records = await self._export_shared(page)
+                theirs = tuple(
+                    m
+                    for m, (row, _) in zip(records, page, strict=True)
+                    if self._sources.of(row.sequence) != conn.peer_id
+                )
+                index_id = self.db.reader.index_id()
+                await conn.send(Announce(index_id=index_id, after=last, sequence=newest,
+                                         records=theirs))  # fmt: skip
                 self._announced = max(self._announced, newest)
-            self._sources.forget_through(newest)
-            last = newest
+                last = self._announcing[conn] = newest
+                self._sources.forget_through(min(self._announcing.values()))
+        except PeerUnavailable:
+            pass  # closed: the peer pulls what it missed when it is back
+        finally:
+            del self._announcing[conn]
+            if not self._announcing:  # a peer that connects next starts from here
+                self._sources.forget_through(self.db.sequence)
+
+    async def _export_shared(self, page: list[tuple[Row, Record]]) -> list[dict[str, Any]]:
+        """``export`` once for the peers that announce the same page (the usual case)."""
+        span = (page[0][0].sequence, page[-1][0].sequence)
+        if self._exported is not None and self._exported[0] == span:
+            return self._exported[1]
+        records = await self.export(page)
+        self._exported = (span, records)
+        return records
 
 
 class _Sources:
