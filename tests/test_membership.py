@@ -302,17 +302,17 @@ async def test_simultaneous_dials_leave_exactly_one_connection(
             b.membership.add_address(a.address)
             smaller = min(a.id, b.id)
 
-            def settled() -> bool:
-                ab, ba = a.membership.connection(b.id), b.membership.connection(a.id)
-                return (
-                    ab is not None
-                    and ba is not None
-                    and ab.outbound == (a.id == smaller)
-                    and ba.outbound == (b.id == smaller)
-                )
+            def settled_on(node: Node, other: Node) -> bool:
+                conn = node.membership.connection(other.id)
+                return conn is not None and conn.outbound == (node.id == smaller)
 
-            await a.membership.wait_for(settled)
-            await b.membership.wait_for(settled)
+            def settled() -> bool:
+                return settled_on(a, b) and settled_on(b, a)
+
+            # Each node's wait sees only its own changes: one predicate for both could
+            # miss the other node settling last, and wait forever.
+            await a.membership.wait_for(lambda: settled_on(a, b))
+            await b.membership.wait_for(lambda: settled_on(b, a))
             assert len(a.membership.connected_peers()) == len(b.membership.connected_peers()) == 1
             ab = a.membership.connection(b.id)
             assert ab is not None

@@ -37,7 +37,7 @@ _NOT_AFTER = datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.UTC)
 
 
 class _HasPeerCert(Protocol):
-    """``ssl.SSLObject``, ``ssl.SSLSocket`` or ``trio.SSLStream`` (which forwards to one)."""
+    """``ssl.SSLObject``, ``ssl.SSLSocket`` or a stream over one (``net.tls.TLSStream``)."""
 
     def getpeercert(self, binary_form: bool = ...) -> object: ...
 

@@ -50,6 +50,7 @@ from swarmfs.crypto.certs import client_context, peer_node_id, server_context
 from swarmfs.crypto.keys import NodeIdentity
 from swarmfs.errors import ProtocolError, UserError
 from swarmfs.net.peer import ConnectionSettings, Handler, PeerConnection, PeerUnavailable
+from swarmfs.net.tls import TLSStream
 from swarmfs.net.wire import (
     MAX_PEERS_IN_HELLO,
     MESSAGE_TYPES,
@@ -469,11 +470,8 @@ class Membership:
         outbound = target is not None
         if dialler_port is None:
             dialler_port = tcp.socket.getsockname()[1]
-        tls = trio.SSLStream(
-            tcp,
-            self._client_ctx if outbound else self._server_ctx,
-            server_side=not outbound,
-            server_hostname=None,
+        tls = TLSStream(
+            tcp, self._client_ctx if outbound else self._server_ctx, server_side=not outbound
         )
         conn: PeerConnection | None = None
         try:
