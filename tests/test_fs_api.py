@@ -750,6 +750,9 @@ _ops = st.lists(
 @given(ops=_ops)
 @example(ops=[("write", 0, 1, 0), ("write", 4095, MiB, 0)])  # the two regressions above
 @example(ops=[("write", 0, 1, 0), ("write", MiB - 1, 7, 0), ("write", 0, MiB, 0)])
+# A chunk both sealed and written over, cut and extended: the cut part must read as zeros.
+@example(ops=[("write", 0, MiB, 0), ("write", 0, 1, 1), ("truncate", 1), ("truncate", 4095),
+              ("check", 0, 7)])  # fmt: skip
 async def test_random_io_matches_a_reference_bytearray(tmp_path_factory, ops) -> None:
     h = Harness(tmp_path_factory.mktemp("model"))
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -212,6 +213,47 @@ async def test_read_ahead_and_fetches_stay_within_the_fetch_pool(tmp_path: Path)
     assert sorted(source.stored_ids) == sorted(sealed)  # every cache file written, recorded
     for cid, ciphertext in sealed.items():
         assert store.get(cid) == ciphertext
+
+
+class HeldStore(ChunkStore):
+    """A chunk store whose writes wait (in their worker thread) until released."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.release = threading.Event()
+
+    def put(self, chunk_id: bytes, ciphertext: bytes, *, overwrite: bool = False) -> bool:
+        self.release.wait(10)
+        return super().put(chunk_id, ciphertext, overwrite=overwrite)
+
+
+async def test_a_chunk_read_again_while_its_cache_file_is_written_is_not_fetched_again(
+    tmp_path: Path,
+) -> None:
+    """Regression test: a chunk evicted from the decrypted cache before its cache file
+    was written was fetched from the peer a second time (seen under load as a chunk
+    recorded twice)."""
+    data = b"\7" * CHUNK_SIZE
+    s = chunk_crypto.seal(KEY, data)
+    block = Block(s.chunk_id, s.h, s.length)
+    source = SlowSource({s.chunk_id: s.ciphertext})
+    source.gate.open.set()
+    store = HeldStore(tmp_path / "chunks")
+    io = ChunkIO(store, KEY, source=source, budget=MemoryBudget(total=16 * MiB))
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            io.nursery = nursery
+            try:
+                assert await io.read(block) == data
+                io.forget([s.chunk_id])  # evicted while its cache file is still being written
+                assert await io.read(block) == data
+                fetches = source.gate.entered
+            finally:
+                store.release.set()
+        io.nursery = None
+    assert fetches == 1
+    assert source.stored_ids == [s.chunk_id]
+    assert store.get(s.chunk_id) == s.ciphertext
 
 
 async def test_a_reader_closed_while_it_waits_for_the_receive_pool_took_nothing() -> None:

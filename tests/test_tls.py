@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,6 +16,7 @@ import trio
 from swarmfs.crypto import certs
 from swarmfs.crypto.keys import NodeIdentity, new_swarm_key
 from swarmfs.net.tls import RECEIVE_SIZE, TLSStream
+from swarmfs.swarm.membership import _tls_failure
 
 RECORD = 16 * 1024  # the largest TLS record's plaintext
 
@@ -131,8 +134,11 @@ async def test_a_connection_cut_without_close_notify_is_broken_with_the_tls_reas
         await client.transport.aclose()  # the TCP connection ends, TLS never said goodbye
         with trio.fail_after(5), pytest.raises(trio.BrokenResourceError) as caught:
             await server.receive_some()
-    assert isinstance(caught.value.__cause__, ssl.SSLError)
-    assert "EOF" in str(caught.value.__cause__)
+        with pytest.raises(trio.BrokenResourceError) as again:  # later calls say why too
+            await server.send_all(b"x")
+    for error in (caught.value, again.value):
+        assert isinstance(error.__cause__, ssl.SSLError)
+        assert "EOF" in str(error.__cause__)
 
 
 async def test_another_swarm_s_certificate_is_refused_with_a_reason_on_both_sides(
@@ -174,3 +180,19 @@ async def test_two_tasks_receiving_at_once_is_an_error_not_a_garbled_stream(
                 with pytest.raises(trio.BusyResourceError):
                     await server.receive_some()
                 nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_resetting_the_handshake_is_a_hang_up_not_a_tls_error(
+    tmp_path: Path,
+) -> None:
+    """Regression test: the socket error was raised while the handshake's "want more
+    data" was being handled, so it carried that TLS condition as its context, and the
+    node logged "not a swarmfs TLS 1.3 peer: The operation did not complete"."""
+    server_ctx = certs.server_context(NodeIdentity.generate(), new_swarm_key(), tmp_path)
+    async with _tcp_pair() as (left, right):
+        server = TLSStream(left, server_ctx, server_side=True)
+        right.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await right.aclose()  # a reset, as a relay dropping the link sends
+        with trio.fail_after(5), pytest.raises(trio.BrokenResourceError) as caught:
+            await server.do_handshake()
+    assert _tls_failure(caught.value) == "it hung up during the handshake"

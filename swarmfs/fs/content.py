@@ -79,6 +79,9 @@ class ChunkIO:
         self._fetch_pool = self.budget.fetch
         self.source = source
         self._inflight: dict[bytes, trio.Event] = {}
+        self._writing_behind: dict[bytes, bytes] = {}
+        """Fetched ciphertext whose cache file is being written: a read of a chunk evicted
+        from the cache meanwhile opens it from here instead of fetching it again."""
         self._prefetch_slots = trio.Semaphore(PREFETCH_PARALLEL)
         self._read_ahead: set[bytes] = set()
         """Chunks with a read-ahead task, running or waiting for a slot. Each sequential
@@ -137,6 +140,11 @@ class ChunkIO:
                     return self._load(block)
                 return await trio.to_thread.run_sync(self._load, block, limiter=self._load_limiter)
             except (ChunkMissing, CorruptChunk) as exc:
+                written = self._writing_behind.get(block.chunk_id)
+                if written is not None:  # fetched a moment ago, its cache file not yet written
+                    return await trio.to_thread.run_sync(
+                        chunk_crypto.unseal, self._key, block.h, written, block.chunk_id
+                    )
                 if self.source is None:
                     raise
                 if isinstance(exc, CorruptChunk):
@@ -162,10 +170,12 @@ class ChunkIO:
 
     async def _write_fetched(self, chunk_id: bytes, ciphertext: bytes, held: int) -> None:
         """Write a fetched chunk's cache file and record it; then free ``held`` bytes."""
+        self._writing_behind[chunk_id] = ciphertext
         try:
             await trio.to_thread.run_sync(
                 self._store_fetched, chunk_id, ciphertext, limiter=self._limiter
             )
+            self._writing_behind.pop(chunk_id, None)  # the store has it from now on
             size = len(ciphertext)
             del ciphertext
             assert self.source is not None
@@ -177,6 +187,7 @@ class ChunkIO:
                 raise
             log.exception("caching fetched chunk %s failed", chunk_id.hex()[:16])
         finally:
+            self._writing_behind.pop(chunk_id, None)
             if held:
                 self._fetch_pool.release(held)
 

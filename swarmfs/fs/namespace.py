@@ -677,11 +677,13 @@ class Filesystem:
         staging = self._staging_for(ino, row)
         index, within = divmod(size, CHUNK_SIZE)
         await staging.wait_inflight()
-        if within and index in staging.sealing and index not in staging.dirty:
-            await staging.write(index, 0, staging.sealing.pop(index)[:within])
-        elif within and index in staging.pending and index not in staging.dirty:
-            data = await self.chunks.read(staging.pending.pop(index))
-            await staging.write(index, 0, data[:within])
+        base = None
+        if within and index in staging.sealing:
+            base = staging.sealing.pop(index)
+        elif within and index in staging.pending:
+            base = await self.chunks.read(staging.pending.pop(index))
+        if base is not None:  # the kept part, with what was written over it, becomes staged
+            await staging.write(index, 0, await staging.overlay(index, base, within))
         staging.truncate(size)
         staging.mtime_ns = now_ns()
 

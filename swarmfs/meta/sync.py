@@ -70,7 +70,7 @@ class IndexSync:
         self._pull_later: set[str] = set()
         self._announced = db.sequence  # last change some peer has been sent
         self._announcing: dict[PeerConnection, int] = {}  # peer -> last change announced
-        self._exported: tuple[tuple[int, int], list[dict[str, Any]]] | None = None
+        self._exported: tuple[tuple[int, ...], list[dict[str, Any]]] | None = None
         self._sources = _Sources()
 
     def backlog(self) -> int:
@@ -234,36 +234,34 @@ class IndexSync:
 
     # -- announcing --------------------------------------------------------------------
     async def announce_to(self, conn: PeerConnection) -> None:
-        """Connect hook: send the peer every change made or applied here from now on, in
-        order, a page at a time (what came before, its own pull on connecting fetches).
+        """Connect hook: send the peer every change made or applied here after the
+        ``hello`` it was sent (what came before, its own pull fetches), in order, a page
+        at a time.
 
         One task per peer: a peer that stops reading holds back only its own
         announces, and gets fewer, larger pages once it reads again. (One loop sending
         to each peer in turn let a peer whose TCP window was full hold back every
-        other peer's announces until its connection died.)
+        other peer's announces until its connection died.) A page that fails to go
+        out (a bug, a full disk sealing a manifest) is tried again after a pause.
         """
-        last = self.db.sequence
+        hello = conn.first_hello
+        index_id = self.db.reader.index_id()
+        last = hello.sequence if hello and hello.index_id == index_id else self.db.sequence
         self._announcing[conn] = last
+        backoff = 1.0
         try:
             while True:
                 await self.db.wait_changed(last)
-                page, _ = self._page(last)
-                if not page:
-                    last = self.db.sequence
-                    continue
-                newest = page[-1][0].sequence
-                records = await self._export_shared(page)
-                theirs = tuple(
-                    m
-                    for m, (row, _) in zip(records, page, strict=True)
-                    if self._sources.of(row.sequence) != conn.peer_id
-                )
-                index_id = self.db.reader.index_id()
-                await conn.send(Announce(index_id=index_id, after=last, sequence=newest,
-                                         records=theirs))  # fmt: skip
-                self._announced = max(self._announced, newest)
-                last = self._announcing[conn] = newest
-                self._sources.forget_through(min(self._announcing.values()))
+                try:
+                    last = await self._announce_page(conn, last)
+                    backoff = 1.0
+                except PeerUnavailable:
+                    raise
+                except Exception:
+                    log.exception("announcing to %s failed; trying again in %g s", conn, backoff)
+                    self._exported = None
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, 60.0)
         except PeerUnavailable:
             pass  # closed: the peer pulls what it missed when it is back
         finally:
@@ -271,13 +269,33 @@ class IndexSync:
             if not self._announcing:  # a peer that connects next starts from here
                 self._sources.forget_through(self.db.sequence)
 
+    async def _announce_page(self, conn: PeerConnection, last: int) -> int:
+        """Send the changes after ``last`` (one page); returns the last one sent."""
+        page, _ = self._page(last)
+        if not page:  # only rows no peer is told about: move on without a word
+            return self.db.sequence
+        newest = page[-1][0].sequence
+        records = await self._export_shared(page)
+        theirs = tuple(
+            m
+            for m, (row, _) in zip(records, page, strict=True)
+            if self._sources.of(row.sequence) != conn.peer_id
+        )
+        index_id = self.db.reader.index_id()
+        await conn.send(Announce(index_id=index_id, after=last, sequence=newest, records=theirs))
+        self._announced = max(self._announced, newest)
+        self._announcing[conn] = newest
+        self._sources.forget_through(min(self._announcing.values()))
+        return newest
+
     async def _export_shared(self, page: list[tuple[Row, Record]]) -> list[dict[str, Any]]:
-        """``export`` once for the peers that announce the same page (the usual case)."""
-        span = (page[0][0].sequence, page[-1][0].sequence)
-        if self._exported is not None and self._exported[0] == span:
+        """``export`` once for the peers that announce the same page (the usual case).
+        Keyed by every sequence in it: a row changed again meanwhile leaves the page."""
+        key = tuple(row.sequence for row, _ in page)
+        if self._exported is not None and self._exported[0] == key:
             return self._exported[1]
         records = await self.export(page)
-        self._exported = (span, records)
+        self._exported = (key, records)
         return records
 
 

@@ -139,6 +139,8 @@ class PeerConnection:
         self.outbound = outbound
         self.remote_hello: Hello | None = None
         """The peer's latest ``hello``."""
+        self.first_hello: Hello | None = None
+        """The ``hello`` this node sent first: the peer's first pull starts after it."""
         self.rtt_ms: float | None = None
         self.close_reason: str | None = None
         self._stream = stream
@@ -237,6 +239,7 @@ class PeerConnection:
         with the hello or right behind it stay in the decoder; ``run`` takes
         them first.
         """
+        self.first_hello = hello
         await self.send(hello)
         while (body := self._decoder.next_frame()) is None:
             self._decoder.feed(await self._receive())

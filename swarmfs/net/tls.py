@@ -46,6 +46,7 @@ class TLSStream(trio.abc.Stream):
         self._buffer = bytearray(RECEIVE_SIZE)
         self._handshake_done = False
         self._broken = False
+        self._broken_by: BaseException | None = None  # the cause later calls are raised from
         self._closed = False
         self._receiving = False
         self._sending = False
@@ -60,15 +61,16 @@ class TLSStream(trio.abc.Stream):
         while True:
             try:
                 self._tls.do_handshake()
+                done = True
             except ssl.SSLWantReadError:
-                await self._flush()
-                await self._fill()
-                continue
+                done = False  # not awaited in here: a hang-up would carry it as its context
             except (ssl.SSLError, ssl.CertificateError) as exc:
                 await self._fail_after_alert(exc)
             await self._flush()
-            self._handshake_done = True
-            return
+            if done:
+                self._handshake_done = True
+                return
+            await self._fill()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._receiving:
@@ -76,6 +78,7 @@ class TLSStream(trio.abc.Stream):
         self._receiving = True
         try:
             self._check_ready()
+            await trio.lowlevel.checkpoint_if_cancelled()
             limit = RECEIVE_SIZE if max_bytes is None else max(1, min(max_bytes, RECEIVE_SIZE))
             waited = False
             while True:
@@ -84,8 +87,8 @@ class TLSStream(trio.abc.Stream):
                     break
                 await self._fill()
                 waited = True
-            if not waited:
-                await trio.lowlevel.checkpoint()
+            if not waited:  # a checkpoint that cannot throw away what was decrypted
+                await trio.lowlevel.cancel_shielded_checkpoint()
             return data
         finally:
             self._receiving = False
@@ -102,8 +105,7 @@ class TLSStream(trio.abc.Stream):
                     try:
                         written = self._tls.write(view)
                     except ssl.SSLError as exc:
-                        self._broken = True
-                        raise trio.BrokenResourceError(str(exc)) from exc
+                        raise self._break(exc) from exc
                     view = view[written:]
                 await self._send_outgoing()
         finally:
@@ -160,8 +162,8 @@ class TLSStream(trio.abc.Stream):
         """Read the socket into the TLS layer (end of stream included)."""
         try:
             data = await self.transport.receive_some(RECEIVE_SIZE)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self._broken = True
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._break(exc)
             raise
         if data:
             self._incoming.write(data)
@@ -179,25 +181,33 @@ class TLSStream(trio.abc.Stream):
             return
         try:
             await self.transport.send_all(data)
-        except BaseException:
-            self._broken = True  # some unknown part of a record went out
+        except BaseException as exc:
+            self._break(exc)  # some unknown part of a record went out
             raise
 
     async def _fail_after_alert(self, exc: BaseException) -> None:
-        """Tell the peer why (the alert TLS made, best effort), then raise."""
-        self._broken = True
-        try:
-            async with self._send_lock:
-                await self._send_outgoing()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        raise trio.BrokenResourceError(str(exc)) from exc
+        """Tell the peer why (the alert TLS made), then raise. Best effort, and only if
+        no sender holds the socket: a reader never waits to send (``net.peer``)."""
+        error = self._break(exc)
+        if not self._send_lock.locked():
+            try:
+                async with self._send_lock:
+                    await self._send_outgoing()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        raise error from exc
+
+    def _break(self, exc: BaseException) -> trio.BrokenResourceError:
+        """Mark the stream unusable because of ``exc``; the error to raise for it."""
+        if not self._broken:
+            self._broken, self._broken_by = True, exc
+        return trio.BrokenResourceError(str(exc))
 
     def _check(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError
         if self._broken:
-            raise trio.BrokenResourceError
+            raise trio.BrokenResourceError(str(self._broken_by)) from self._broken_by
 
     def _check_ready(self) -> None:
         self._check()
