@@ -310,4 +310,7 @@ def test_mount_behaves_like_a_local_directory(mnt: Path, tmp_path: Path) -> None
     # the machine really exercised the mount, not only error paths
     succeeded = [what.split()[0] for what, result in Machine.steps if result == "ok"]
     assert len(succeeded) >= 50, f"only {len(succeeded)} operations succeeded"
-    assert {"create", "write", "rename", "mkdir", "unlink"} <= set(succeeded)
+    assert {"create", "rename", "mkdir", "unlink"} <= set(succeeded)
+    # Most generated writes fail alike on both trees (a directory, a missing name): a run
+    # with no "write" by path that succeeded but some through open handles happens.
+    assert {"write", "pwrite"} & set(succeeded)
