@@ -566,7 +566,9 @@ async def test_a_peer_that_stops_reading_holds_back_no_other_peer_s_announces(
 ) -> None:
     """Regression test: one task announced to every peer in turn, so a peer whose TCP
     window was full (asking for chunks and never reading the replies) held back every
-    change from every other peer until its connection died (``dead_after``, 60 s)."""
+    change from every other peer until its connection died (``dead_after``, 60 s); and
+    its replies waiting to be sent held the whole send pool, so no other peer could
+    fetch a chunk from the node meanwhile."""
     (target.a.mnt / f"stuck-{target.token}").write_bytes(payload(MiB, 7))
     with contextlib.closing(
         sqlite3.connect(f"file:{target.a.data_dir / 'swarmfs.db'}?mode=ro", uri=True)
@@ -583,6 +585,18 @@ async def test_a_peer_that_stops_reading_holds_back_no_other_peer_s_announces(
             name = f"past-the-stuck-{i}-{target.token}"
             (target.a.mnt / name).write_bytes(b"x")
             eventually(lambda n=name: (target.b.mnt / n).exists(), SYNC_TIMEOUT, name)
+        # b fetches from a the chunks a pushes to the stuck peer: a's replies to b must
+        # not queue behind the stuck peer's for the node's send pool
+        data = payload(8 * MiB, 8)
+        (target.a.mnt / f"past-the-stuck-data-{target.token}").write_bytes(data)
+        eventually(
+            lambda: (
+                digest((target.b.mnt / f"past-the-stuck-data-{target.token}").read_bytes())
+                == digest(data)
+            ),
+            SYNC_TIMEOUT,
+            "the content on b",
+        )
     finally:
         await client.aclose()
 

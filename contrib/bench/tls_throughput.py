@@ -4,8 +4,9 @@ Two processes on loopback. The receiver (this script re-run with ``--receive``)
 listens on 127.0.0.1 port 0 and reports the port on stdout; the sender (this
 process) connects and streams ``--size-mib`` MiB as 1 MiB ``chunk_put``
 frames. Over TLS the path is the node's: mutual TLS 1.3 with swarm
-certificates (``crypto.certs``), ``wire.encode_frame`` on one side and
-``FrameDecoder`` + ``decode_message`` (full validation) on the other. The plain
+certificates (``crypto.certs``) through ``net.tls.TLSStream``,
+``wire.encode_frame`` on one side and ``FrameDecoder`` + ``decode_message``
+(full validation) on the other. The plain
 TCP run moves the same bytes without TLS or decoding: the ceiling.
 
     .venv/bin/python contrib/bench/tls_throughput.py [--size-mib 1024]
@@ -32,6 +33,7 @@ from swarmfs.crypto.keys import (
     read_swarm_key,
     write_secret,
 )
+from swarmfs.net.tls import TLSStream
 from swarmfs.net.wire import ChunkPut, FrameDecoder, decode_message, encode_frame
 
 _RECEIVE_SIZE = 256 * 1024
@@ -50,7 +52,8 @@ async def _receive(directory: Path, mode: str, frames: int) -> None:
                 read_swarm_key(directory / "swarm.key"),
                 directory,
             )
-            stream = trio.SSLStream(tcp, ctx, server_side=True)
+            stream = TLSStream(tcp, ctx, server_side=True)
+            await stream.do_handshake()
         expected = frames * _frame_size()
         received = decoded = 0
         decoder = FrameDecoder()
@@ -86,7 +89,7 @@ async def _send(directory: Path, mode: str, port: int, frames: int) -> float:
             read_swarm_key(directory / "swarm.key"),
             directory,
         )
-        stream = trio.SSLStream(tcp, ctx, server_hostname=None)
+        stream = TLSStream(tcp, ctx, server_side=False)
         await stream.do_handshake()
     payload = os.urandom(CHUNK_SIZE + 17)  # a chunk's ciphertext: format byte + data + tag
     start = trio.current_time()

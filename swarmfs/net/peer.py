@@ -25,7 +25,8 @@ until its handler returns (before its reply is sent: a handler's bytes are
 freed by local work alone, never by the network); a reply frees them when it
 reaches the request that waits for it. A request whose reply may carry a chunk
 (``LARGE_REPLY``) takes ``MAX_FRAME`` bytes of the ``send`` pool before its
-handler runs, until the reply is written.
+handler runs, until the reply is written; at most ``LARGE_REPLIES`` per
+connection, so a peer that does not read its replies cannot take the whole pool.
 
 Silence alone cannot free a reservation, since every byte resets it: a peer
 could announce a chunk-sized frame and trickle one byte a minute. So once its
@@ -77,6 +78,11 @@ log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 32
 """Requests one side may have outstanding on a connection (a protocol constant)."""
+
+LARGE_REPLIES = 4
+"""Chunk replies one connection may hold in the node's ``send`` pool at once: a peer
+that asks for chunks and reads none of the replies holds back these, not every
+other peer's (the pool serves its waiters in order)."""
 
 _RECEIVE_SIZE = 256 * 1024
 RESERVE_FROM = 64 * 1024
@@ -153,6 +159,7 @@ class PeerConnection:
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._outstanding = trio.Semaphore(MAX_IN_FLIGHT)
+        self._large_replies = trio.Semaphore(LARGE_REPLIES)
         self._handling = 0
         self._last_received = trio.current_time()
         self._scope = trio.CancelScope()
@@ -383,10 +390,13 @@ class PeerConnection:
     async def _serve_request(self, msg: Request | UnknownRequest, held: int = 0) -> None:
         rid, kind = msg.id, msg.TYPE
         large = isinstance(msg, Request) and msg.LARGE_REPLY
+        slot = False  # one of this connection's LARGE_REPLIES
         sending = 0  # bytes of the send pool held for the reply
         try:
             try:
                 if large:
+                    await self._large_replies.acquire()
+                    slot = True
                     await self._send_pool.acquire(MAX_FRAME)
                     sending = MAX_FRAME
                 reply = await self._answer(msg)
@@ -406,6 +416,8 @@ class PeerConnection:
         finally:
             if sending:
                 self._send_pool.release(sending)
+            if slot:
+                self._large_replies.release()
             self._handling -= 1
 
     async def _answer(self, msg: Request | UnknownRequest) -> Reply:
