@@ -875,8 +875,8 @@ def _size(path: Path) -> int | None:
 
 def cat(path: Path) -> tuple[float, float]:
     """``cat path``: seconds to the first byte and to the last. What came is thrown away:
-    hashing it here took a core's worth of CPU from the nodes measured (two cores); the
-    caller checks the content afterwards."""
+    hashing it here (0.54 ms per MiB) would compete with the nodes measured for the two
+    cores; the caller checks the content afterwards."""
     start = time.perf_counter()
     proc = subprocess.Popen(["cat", str(path)], stdout=subprocess.PIPE, bufsize=0)
     assert proc.stdout is not None

@@ -143,7 +143,12 @@ class ChunkIO:
                 written = self._writing_behind.get(block.chunk_id)
                 if written is not None:  # fetched a moment ago, its cache file not yet written
                     return await trio.to_thread.run_sync(
-                        chunk_crypto.unseal, self._key, block.h, written, block.chunk_id
+                        chunk_crypto.unseal,
+                        self._key,
+                        block.h,
+                        written,
+                        block.chunk_id,
+                        limiter=self._limiter,
                     )
                 if self.source is None:
                     raise

@@ -253,24 +253,24 @@ class IndexSync:
             while True:
                 await self.db.wait_changed(last)
                 try:
-                    last = await self._announce_page(conn, last)
+                    last = self._announcing[conn] = await self._announce_page(conn, last)
                     backoff = 1.0
                 except PeerUnavailable:
-                    raise
+                    return  # closed: the peer pulls what it missed when it is back
                 except Exception:
                     log.exception("announcing to %s failed; trying again in %g s", conn, backoff)
                     self._exported = None
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, 60.0)
-        except PeerUnavailable:
-            pass  # closed: the peer pulls what it missed when it is back
+                    continue
+                self._sources.forget_through(min(self._announcing.values()))
         finally:
             del self._announcing[conn]
             if not self._announcing:  # a peer that connects next starts from here
                 self._sources.forget_through(self.db.sequence)
 
     async def _announce_page(self, conn: PeerConnection, last: int) -> int:
-        """Send the changes after ``last`` (one page); returns the last one sent."""
+        """Send the changes after ``last`` (one page); returns where the peer is now."""
         page, _ = self._page(last)
         if not page:  # only rows no peer is told about: move on without a word
             return self.db.sequence
@@ -284,8 +284,6 @@ class IndexSync:
         index_id = self.db.reader.index_id()
         await conn.send(Announce(index_id=index_id, after=last, sequence=newest, records=theirs))
         self._announced = max(self._announced, newest)
-        self._announcing[conn] = newest
-        self._sources.forget_through(min(self._announcing.values()))
         return newest
 
     async def _export_shared(self, page: list[tuple[Row, Record]]) -> list[dict[str, Any]]:

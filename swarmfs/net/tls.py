@@ -152,8 +152,8 @@ class TLSStream(trio.abc.Stream):
                 clean_close = True
                 break
             got += n
-        if self._outgoing.pending:  # an alert or key update made while reading
-            await self._flush()
+        if self._outgoing.pending:  # a key update made while reading
+            await self._flush_unless_sending()
         if got:
             return bytes(view[:got])
         return b"" if clean_close else None
@@ -185,16 +185,17 @@ class TLSStream(trio.abc.Stream):
             self._break(exc)  # some unknown part of a record went out
             raise
 
-    async def _fail_after_alert(self, exc: BaseException) -> None:
-        """Tell the peer why (the alert TLS made), then raise. Best effort, and only if
-        no sender holds the socket: a reader never waits to send (``net.peer``)."""
-        error = self._break(exc)
+    async def _flush_unless_sending(self) -> None:
+        """Send what the TLS layer made while reading, unless a sender holds the socket:
+        the reader never waits to send (``net.peer``); the sender's next flush takes it."""
         if not self._send_lock.locked():
-            try:
-                async with self._send_lock:
-                    await self._send_outgoing()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+            await self._flush()
+
+    async def _fail_after_alert(self, exc: BaseException) -> None:
+        """Tell the peer why (the alert TLS made, best effort), then raise."""
+        error = self._break(exc)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._flush_unless_sending()
         raise error from exc
 
     def _break(self, exc: BaseException) -> trio.BrokenResourceError:
